@@ -1,0 +1,65 @@
+"""Shared fixtures: the tiny Wan2.2 checkpoints with golden outputs of the official code."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _find_fixtures() -> Path | None:
+    candidates = []
+    if env := os.environ.get("WAN_LOCAL_FIXTURES"):
+        candidates.append(Path(env))
+    candidates += [
+        REPO_ROOT.parent / "shared" / "fixtures" / "wan22-tiny",
+        REPO_ROOT / "shared" / "fixtures" / "wan22-tiny",
+    ]
+    for path in candidates:
+        if (path / "golden" / "cases.json").is_file():
+            return path
+    return None
+
+
+FIXTURES = _find_fixtures()
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Path:
+    """Root of the wan22-tiny fixture tree (task folders + golden/)."""
+    if FIXTURES is None:
+        pytest.skip("wan22-tiny fixtures not found (set WAN_LOCAL_FIXTURES or place them at ../shared/fixtures)")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def cases(tiny: Path) -> dict:
+    """golden/cases.json: arguments and metadata of every golden case."""
+    return json.loads((tiny / "golden" / "cases.json").read_text())["cases"]
+
+
+@pytest.fixture(scope="session")
+def golden(tiny: Path):
+    """golden(name) -> dict of tensors stored in golden/<name>.safetensors."""
+    cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def load(name: str) -> dict[str, torch.Tensor]:
+        if name not in cache:
+            cache[name] = load_file(str(tiny / "golden" / f"{name}.safetensors"))
+        return cache[name]
+
+    return load
+
+
+def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative L2 error ||a - e|| / ||e|| in float64."""
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    assert a.shape == e.shape, f"shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    return float((a - e).norm() / e.norm().clamp_min(1e-30))

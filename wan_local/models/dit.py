@@ -1,0 +1,380 @@
+"""The Wan2.2 diffusion transformer (official `WanModel` numerics and state-dict keys).
+
+Shapes: B batch, C = dim, N heads, D = C / N head dim, L = F'·H'·W' tokens of the patch grid.
+
+Dtype regime (reference §2.7; what matters when the caller wraps `forward` in `torch.autocast("cuda", bf16)`):
+patch/text embeddings and every q/k/v/o/ffn Linear run in bf16; the sinusoid is float64; time embedding,
+time projection and head run in an fp32 autocast region; LayerNorms compute in fp32 and return the input
+dtype; the residual stream is bf16 only at the entry of block 0 and fp32 after its first gated add;
+modulation maths is fp32; RMSNorm normalises in fp32, casts back, then multiplies by the weight; RoPE is
+float64 -> fp32. Without autocast (CPU tests) everything is plain fp32.
+
+Time conditioning is kept as a table with one row per distinct timestep ([U, C] / [U, 6, C], fp32) plus an
+index tensor [B, 1] (one timestep per sample) or [B, L] (TI2V image-to-video), gathered where it is used. The
+reference materialises [B, L, 6, C] in fp32 instead (9 GB at 720p for the 14B); the values are the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wan_local.errors import InputError
+from wan_local.models.attention import attention
+
+MODEL_TYPES = ("t2v", "i2v", "ti2v")
+_ROPE_THETA = 10000.0
+_ROPE_CHUNK_TOKENS = 8192  # bounds the float64 RoPE temporaries (a 14B q at 720p is 3 GB in float64)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Hyper-parameters of one Wan DiT, as read from its config.json and weight shapes.
+
+    `model_type` "i2v" means a conditioning tensor y (in_dim - out_dim channels) is concatenated to the
+    latent; "t2v" and "ti2v" take the latent alone.
+    """
+
+    model_type: str
+    in_dim: int
+    out_dim: int
+    dim: int
+    ffn_dim: int
+    freq_dim: int
+    num_heads: int
+    num_layers: int
+    text_len: int = 512
+    text_dim: int = 4096
+    eps: float = 1e-6
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"DiTConfig.model_type={self.model_type!r}: must be one of {MODEL_TYPES}")
+        for name in ("in_dim", "out_dim", "dim", "ffn_dim", "freq_dim", "num_heads", "num_layers"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DiTConfig.{name}={getattr(self, name)}: must be positive")
+        for name in ("text_len", "text_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DiTConfig.{name}={getattr(self, name)}: must be positive")
+        if len(self.patch_size) != 3 or min(self.patch_size) <= 0:
+            raise ValueError(f"DiTConfig.patch_size={self.patch_size}: must be 3 positive ints (t, h, w)")
+        if self.freq_dim % 2:
+            raise ValueError(f"DiTConfig.freq_dim={self.freq_dim}: must be even (cos and sin halves)")
+        if self.dim % self.num_heads:
+            raise ValueError(f"DiTConfig.dim={self.dim}: must be divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(
+                f"DiTConfig.num_heads={self.num_heads}: head dim dim/num_heads={self.head_dim} must be even "
+                "and >= 6 (RoPE splits its complex pairs over frame, height and width)"
+            )
+        if self.model_type == "i2v" and self.in_dim <= self.out_dim:
+            raise ValueError(
+                f"DiTConfig.in_dim={self.in_dim}: an i2v model needs in_dim > out_dim={self.out_dim} "
+                "(the extra channels are the conditioning y)"
+            )
+        if self.eps <= 0:
+            raise ValueError(f"DiTConfig.eps={self.eps}: must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per attention head (128 for every released Wan DiT)."""
+        return self.dim // self.num_heads
+
+
+# ---------------------------------------------------------------------------------------- position/time maths
+
+
+def rope_table(grid: tuple[int, int, int], head_dim: int, device: torch.device | str) -> torch.Tensor:
+    """3D RoPE multipliers for a patch grid (F', H', W'): complex128 [L, 1, head_dim / 2], token order f,h,w.
+
+    The c = head_dim/2 complex slots (adjacent real pairs) are split c - 2·(c//3), c//3, c//3 over frame,
+    height, width (22/21/21 for D = 128); an axis with 2·p real dims uses ω_j = 1 / 10000^(2j / (2p)), and
+    positions start at 0.
+    """
+    c = head_dim // 2
+    pairs = (c - 2 * (c // 3), c // 3, c // 3)
+    parts = []
+    for axis, (size, p) in enumerate(zip(grid, pairs, strict=True)):
+        omega = 1.0 / _ROPE_THETA ** (torch.arange(0, 2 * p, 2, dtype=torch.float64, device=device) / (2 * p))
+        angles = torch.outer(torch.arange(size, dtype=torch.float64, device=device), omega)  # [size, p]
+        shape = [1, 1, 1, p]
+        shape[axis] = size
+        parts.append(torch.polar(torch.ones_like(angles), angles).view(shape).expand(*grid, p))
+    return torch.cat(parts, dim=-1).reshape(-1, 1, c)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, L, N, D] by `rope_table` output [L, 1, D/2]; float64 maths, float32 result.
+
+    Processed in token chunks so the float64 copies stay small; elementwise, so chunking changes no bits.
+    """
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for s in range(0, x.shape[1], _ROPE_CHUNK_TOKENS):
+        e = s + _ROPE_CHUNK_TOKENS
+        xc = torch.view_as_complex(x[:, s:e].to(torch.float64).unflatten(-1, (-1, 2)))  # [B, l, N, D/2]
+        out[:, s:e] = torch.view_as_real(xc * rope[s:e]).flatten(-2)
+    return out
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Timestep embedding [U] -> [U, dim] float64: [cos(t·ω_k), sin(t·ω_k)], ω_k = 10000^(-k / (dim/2))."""
+    half = dim // 2
+    omega = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device).div(half))
+    angles = torch.outer(t.to(torch.float64), omega)
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def per_token_timesteps(
+    mask_latent: torch.Tensor, t: torch.Tensor | float, patch_size: tuple[int, int, int] = (1, 2, 2)
+) -> torch.Tensor:
+    """TI2V per-token timesteps [1, L] float32 from a latent mask [C, T, H, W] (channel 0 used) or [T, H, W].
+
+    One mask value per patch (the patch's first element, token order f, h, w), times the timestep t: tokens
+    whose mask is 0 (the conditioning frame) get timestep 0.
+    """
+    mask = mask_latent[0] if mask_latent.dim() == 4 else mask_latent
+    if mask.dim() != 3:
+        raise InputError(f"mask_latent shape {tuple(mask_latent.shape)}: expected [C, T, H, W] or [T, H, W]")
+    if any(n % p for n, p in zip(mask.shape, patch_size, strict=True)):
+        raise InputError(f"mask_latent grid {tuple(mask.shape)} is not divisible by patch size {patch_size}")
+    pt, ph, pw = patch_size
+    t = torch.as_tensor(t, dtype=torch.float32, device=mask.device)
+    return (mask[::pt, ::ph, ::pw].float() * t).flatten().unsqueeze(0)
+
+
+def _shared_timestep(t: torch.Tensor) -> torch.Tensor | None:
+    """t as [B] if every token of each sample has the same timestep (t is [B] or [B, L]), else None."""
+    if t.dim() == 1:
+        return t
+    return t[:, 0] if bool((t == t[:, :1]).all()) else None
+
+
+def _fp32_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """The reference's `autocast(dtype=float32)` region: Linear layers inside compute in fp32.
+
+    CUDA autocast accepts float32; elsewhere (CPU autocast) the same effect is autocast disabled.
+    """
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    if device_type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float32)
+    return torch.autocast(device_type, enabled=False)
+
+
+# ----------------------------------------------------------------------------------------------------- layers
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 (input and affine params upcast), returned in the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim: normalise in fp32, cast back to the input dtype, then multiply by weight."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    """Multi-head attention with q/k RMSNorm over all heads jointly; self-attention when `rope` is given."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, Lq, C] attends to source [B, Lk, C] -> [B, Lq, C]; rope [Lq, 1, D/2] for self-attention."""
+        n = self.num_heads
+        q = self.norm_q(self.q(x)).unflatten(-1, (n, -1))  # [B, Lq, N, D]
+        k = self.norm_k(self.k(source)).unflatten(-1, (n, -1))  # [B, Lk, N, D]
+        v = self.v(source).unflatten(-1, (n, -1))
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return self.o(attention(q, k, v).flatten(2))
+
+
+class DiTBlock(nn.Module):
+    """One transformer block: modulated self-attention, cross-attention to text, modulated FFN."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        c = cfg.dim
+        self.norm1 = FP32LayerNorm(c, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = Attention(c, cfg.num_heads, cfg.eps)
+        self.norm3 = FP32LayerNorm(c, eps=cfg.eps, elementwise_affine=True)
+        self.cross_attn = Attention(c, cfg.num_heads, cfg.eps)
+        self.norm2 = FP32LayerNorm(c, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(c, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, c))
+        self.modulation = nn.Parameter(torch.randn(1, 6, c) / c**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        context: torch.Tensor,
+        rope: torch.Tensor,
+        t_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """x [B, L, C] -> [B, L, C] (fp32).
+
+        e0: [U, 6, C] fp32 time projection per distinct timestep; t_index: [B, 1] or [B, L] int64, the row
+        of e0 for each sample/token; context: [B, text_len, C] embedded text; rope: [L, 1, D/2] from
+        `rope_table`.
+        """
+        # Modulation maths is fp32 (fp32 e0 promotes bf16 params): six [U, C] tables, each gathered to
+        # [B, 1 or L, C] (`m[t_index]`) only where used, so per-token t never holds [B, L, 6, C] at once.
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation[0] + e0).unbind(1)
+
+        # norm1 returns x's dtype: at block 0 under autocast that rounds to bf16 before the fp32 modulation.
+        a = self.norm1(x).float() * (1 + scale_sa[t_index]) + shift_sa[t_index]
+        x = x + self.self_attn(a, a, rope) * gate_sa[t_index]  # fp32 from here on (bf16/fp32 + fp32)
+        x += self.cross_attn(self.norm3(x), context)  # x is a fresh tensor owned here: in-place is safe
+        b = self.norm2(x).float() * (1 + scale_ff[t_index]) + shift_ff[t_index]
+        x += self.ffn(b) * gate_ff[t_index]
+        return x
+
+
+class Head(nn.Module):
+    """Output head: LayerNorm modulated by the time embedding e (not e0), then Linear to patch features."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.norm = FP32LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, t_index: torch.Tensor) -> torch.Tensor:
+        """x [B, L, C], e [U, C] fp32, t_index [B, 1 or L] -> [B, L, prod(patch)·out_dim] fp32."""
+        with _fp32_autocast(x.device.type):
+            shift, scale = (m[t_index] for m in (self.modulation[0] + e.unsqueeze(1)).unbind(1))
+            return self.head(self.norm(x) * (1 + scale) + shift)
+
+
+# ------------------------------------------------------------------------------------------------------ model
+
+
+class WanDiT(nn.Module):
+    """Wan2.2 DiT with the official state-dict keys; `blocks` are the repeated part a memory layer streams."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, c, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, c), nn.GELU(approximate="tanh"), nn.Linear(c, c))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, c), nn.SiLU(), nn.Linear(c, c))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c, 6 * c))
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | list[torch.Tensor],
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow velocity for a batch of latents.
+
+        x: [B, C_lat, T, H, W] (C_lat = in_dim, or in_dim - y channels for i2v); T, H, W divisible by patch.
+        t: [B] timestep per sample or [B, L] per token (TI2V image-to-video), integer-valued, on x's device.
+        context: B tensors [L_i <= text_len, text_dim] (zero-padded here; cross-attention is unmasked) or an
+        already padded [B, text_len, text_dim]. y: [B, in_dim - C_lat, T, H, W], i2v only.
+        Returns [B, out_dim, T, H, W] float32.
+        """
+        x = self._check_latent(x, y)
+        batch = x.shape[0]
+        x = self.patch_embedding(x)  # [B, C, F', H', W']
+        grid = tuple(x.shape[2:])
+        x = x.flatten(2).transpose(1, 2)  # [B, L, C], token order f, h, w
+        e, e0, t_index = self._time_conditioning(t, batch, x.shape[1])
+        context = self.text_embedding(self._pad_context(context, batch))  # [B, text_len, C]
+        rope = rope_table(grid, self.cfg.head_dim, x.device)
+        for block in self.blocks:
+            x = block(x, e0, context, rope, t_index)
+        return self._unpatchify(self.head(x, e, t_index), grid)
+
+    def _check_latent(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """Validate x (and y) and return the model input [B, in_dim, T, H, W]."""
+        cfg = self.cfg
+        if x.dim() != 5:
+            raise InputError(f"latent x has shape {tuple(x.shape)}; expected [B, C, T, H, W]")
+        if cfg.model_type == "i2v":
+            if y is None:
+                raise InputError("an i2v DiT needs the conditioning tensor y (mask + image latent)")
+            if y.dim() != 5 or y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
+                raise InputError(
+                    f"y has shape {tuple(y.shape)}; expected [B, C_y, T, H, W] matching x {tuple(x.shape)}"
+                )
+            x = torch.cat([x, y], dim=1)  # noisy latent first, then y
+        elif y is not None:
+            raise InputError(f"a {cfg.model_type} DiT takes no conditioning tensor y (only i2v does)")
+        if x.shape[1] != cfg.in_dim:
+            raise InputError(f"the DiT input has {x.shape[1]} channels (latent + y); the model expects {cfg.in_dim}")
+        if any(n % p for n, p in zip(x.shape[2:], cfg.patch_size, strict=True)):
+            raise InputError(f"latent T, H, W {tuple(x.shape[2:])} must be divisible by patch size {cfg.patch_size}")
+        return x
+
+    def _time_conditioning(
+        self, t: torch.Tensor, batch: int, num_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """e [U, C] and e0 [U, 6, C] (fp32) for the U distinct timesteps, and t_index [B, 1] or [B, L]."""
+        if t.shape not in ((batch,), (batch, num_tokens)):
+            raise InputError(f"timesteps t have shape {tuple(t.shape)}; expected [{batch}] or [{batch}, {num_tokens}]")
+        shared = _shared_timestep(t)
+        t = t if shared is None else shared
+        values, t_index = torch.unique(t, return_inverse=True)
+        if t_index.dim() == 1:
+            t_index = t_index[:, None]  # one timestep per sample: broadcast over tokens
+        with _fp32_autocast(values.device.type):
+            e = self.time_embedding(sinusoidal_embedding(values, self.cfg.freq_dim).float())
+            e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim))
+        return e, e0, t_index
+
+    def _pad_context(self, context: torch.Tensor | list[torch.Tensor], batch: int) -> torch.Tensor:
+        """Zero-pad the text rows of each sample to text_len: [B, text_len, text_dim]."""
+        cfg = self.cfg
+        if isinstance(context, torch.Tensor):
+            if context.shape != (batch, cfg.text_len, cfg.text_dim):
+                raise InputError(
+                    f"context tensor has shape {tuple(context.shape)}; expected [{batch}, {cfg.text_len}, "
+                    f"{cfg.text_dim}] (or a list of [L_i, {cfg.text_dim}] tensors)"
+                )
+            return context
+        if len(context) != batch:
+            raise InputError(f"got {len(context)} context tensors for a batch of {batch}")
+        for u in context:
+            if u.dim() != 2 or u.shape[0] > cfg.text_len or u.shape[1] != cfg.text_dim:
+                raise InputError(f"context of shape {tuple(u.shape)}; expected [L <= {cfg.text_len}, {cfg.text_dim}]")
+        padded = context[0].new_zeros(batch, cfg.text_len, cfg.text_dim)
+        for i, u in enumerate(context):
+            padded[i, : u.shape[0]] = u
+        return padded
+
+    def _unpatchify(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """[B, L, pt·ph·pw·out_dim] with features ordered (pt, ph, pw, c) -> [B, out_dim, T, H, W] float32."""
+        (f, h, w), (pt, ph, pw) = grid, self.cfg.patch_size
+        x = x.view(x.shape[0], f, h, w, pt, ph, pw, self.cfg.out_dim)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, c, f, pt, h, ph, w, pw]
+        return x.reshape(x.shape[0], self.cfg.out_dim, f * pt, h * ph, w * pw).float()

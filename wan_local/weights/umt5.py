@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from wan_local.errors import CheckpointError
+from wan_local.weights.fp8 import FP8_DTYPES, dequantize_state_dict
 
 if TYPE_CHECKING:
     from transformers import UMT5Config
@@ -64,14 +65,6 @@ _ANCHORS = (
     "encoder.final_layer_norm.weight",
     "shared.weight",
     "encoder.block.0.layer.0.SelfAttention.q.weight",
-)
-_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # legacy ComfyUI / newer ComfyUI + diffusers spelling
-_DROPPED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")  # activation scales, format markers
-_FP8_MARKER = "scaled_fp8"
-_FP8_DTYPES = frozenset(
-    getattr(torch, name)
-    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-    if hasattr(torch, name)
 )
 
 _LIST_LIMIT = 8
@@ -258,27 +251,6 @@ def _find_prefix(sd: Mapping[str, torch.Tensor], source: str | None) -> str:
     raise CheckpointError(f"{_where(source)}: no UMT5 encoder keys found ({_preview(sd)}).")
 
 
-def _dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, key: str) -> torch.Tensor:
-    """W = float(W_stored) × scale, computed in float32 and stored in ``dtype``.
-
-    ``scale`` is a per-layer scalar (0-dim or one element) or one value per output row.
-    """
-    w = weight.to(torch.float32)  # [out, in]
-    if scale is not None:
-        s = scale.to(torch.float32)
-        if s.numel() == 1:
-            s = s.reshape(())
-        elif s.numel() == w.shape[0]:
-            s = s.reshape(-1, *([1] * (w.ndim - 1)))
-        else:
-            raise CheckpointError(
-                f"{key}: scale of shape {tuple(scale.shape)} fits neither a per-layer nor a per-row scale "
-                f"for a weight of shape {tuple(weight.shape)}."
-            )
-        w = w * s
-    return w.to(dtype)
-
-
 def normalize_transformers_umt5(
     sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, source: str | None = None
 ) -> dict[str, torch.Tensor]:
@@ -301,25 +273,11 @@ def normalize_transformers_umt5(
     if prefix:
         logger.debug("%s: UMT5 keys under prefix %r (%d of %d keys)", _where(source), prefix, len(bare), len(sd))
 
-    scales: dict[str, torch.Tensor] = {}  # weight key -> its scale
-    for key in list(bare):
-        if key.endswith(_SCALE_SUFFIXES):
-            scales[key.rsplit(".", 1)[0] + ".weight"] = bare.pop(key)
-        elif key == _FP8_MARKER or key.endswith(_DROPPED_SUFFIXES):
-            del bare[key]
     if dtype is None:
         # The embedding is never quantised; its dtype is the file's working precision (bf16 / fp16).
         emb = bare.get("shared.weight", bare.get(TIED_EMBEDDING_KEY))
-        dtype = emb.dtype if emb is not None and emb.dtype not in _FP8_DTYPES else torch.bfloat16
-
-    orphans = scales.keys() - bare.keys()
-    if orphans:
-        raise CheckpointError(f"{_where(source)}: weight scales without a weight: {_preview(orphans)}.")
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in bare.items():
-        if tensor.dtype in _FP8_DTYPES or key in scales:
-            tensor = _dequantize(tensor, scales.get(key), dtype, key)
-        out[key] = tensor
+        dtype = emb.dtype if emb is not None and emb.dtype not in FP8_DTYPES else torch.bfloat16
+    out = dequantize_state_dict(bare, dtype, _where(source))
     if TIED_EMBEDDING_KEY in out:
         tied = out.pop(TIED_EMBEDDING_KEY)
         out.setdefault("shared.weight", tied)

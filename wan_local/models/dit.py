@@ -156,16 +156,21 @@ def _shared_timestep(t: torch.Tensor) -> torch.Tensor | None:
     return t[:, 0] if bool((t == t[:, :1]).all()) else None
 
 
-def _fp32_autocast(device_type: str) -> contextlib.AbstractContextManager:
-    """The reference's `autocast(dtype=float32)` region: Linear layers inside compute in fp32.
+def _fp32_region(device_type: str) -> contextlib.AbstractContextManager:
+    """The reference's `autocast(dtype=float32)` region (time embedding, projection, head).
 
-    CUDA autocast accepts float32; elsewhere (CPU autocast) the same effect is autocast disabled.
+    Autocast is switched off and the layers inside run through `fp32_linear`, which upcasts input, weight and bias:
+    the same maths as CUDA's float32 autocast, and it also works on the CPU, whose autocast has no float32 mode.
     """
     if not torch.is_autocast_enabled(device_type):
         return contextlib.nullcontext()
-    if device_type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float32)
     return torch.autocast(device_type, enabled=False)
+
+
+def fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` computed in float32 whatever the stored dtype of the weights."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
 
 
 # ----------------------------------------------------------------------------------------------------- layers
@@ -266,9 +271,9 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, t_index: torch.Tensor) -> torch.Tensor:
         """x [B, L, C], e [U, C] fp32, t_index [B, 1 or L] -> [B, L, prod(patch)·out_dim] fp32."""
-        with _fp32_autocast(x.device.type):
-            shift, scale = (m[t_index] for m in (self.modulation[0] + e.unsqueeze(1)).unbind(1))
-            return self.head(self.norm(x) * (1 + scale) + shift)
+        with _fp32_region(x.device.type):
+            shift, scale = (m[t_index] for m in (self.modulation[0].float() + e.unsqueeze(1)).unbind(1))
+            return fp32_linear(self.head, self.norm(x).float() * (1 + scale) + shift)
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -347,9 +352,11 @@ class WanDiT(nn.Module):
         values, t_index = torch.unique(t, return_inverse=True)
         if t_index.dim() == 1:
             t_index = t_index[:, None]  # one timestep per sample: broadcast over tokens
-        with _fp32_autocast(values.device.type):
-            e = self.time_embedding(sinusoidal_embedding(values, self.cfg.freq_dim).float())
-            e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim))
+        emb, proj = self.time_embedding, self.time_projection
+        with _fp32_region(values.device.type):
+            e = fp32_linear(emb[0], sinusoidal_embedding(values, self.cfg.freq_dim).float())
+            e = fp32_linear(emb[2], F.silu(e))
+            e0 = fp32_linear(proj[1], F.silu(e)).unflatten(1, (6, self.cfg.dim))
         return e, e0, t_index
 
     def _pad_context(self, context: torch.Tensor | list[torch.Tensor], batch: int) -> torch.Tensor:

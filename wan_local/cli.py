@@ -1,0 +1,150 @@
+"""Command line: `wan-local generate ...` (also `python -m wan_local`).
+
+Flags are parsed here and only here; everything below receives plain values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from wan_local.errors import InputError, WanLocalError
+from wan_local.specs import TASKS, parse_size
+
+log = logging.getLogger("wan_local")
+
+EXIT_ERROR, EXIT_OOM, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def parse_guide_scale(text: str) -> tuple[float, float]:
+    """ "5" -> (5, 5); "3,4" -> (low-noise 3, high-noise 4)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise InputError(f"--guide-scale {text!r} must be a number or LOW,HIGH (e.g. 3.5 or 3,4)") from None
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) == 2:
+        return values[0], values[1]
+    raise InputError(f"--guide-scale {text!r} takes one value or two (low-noise,high-noise)")
+
+
+def default_output_path(task: str, size: tuple[int, int], prompt: str, folder: Path = Path("outputs")) -> Path:
+    """outputs/<task>_<W>x<H>_<first words of the prompt>_<timestamp>.mp4"""
+    words = re.sub(r"[^\w-]+", "_", prompt.strip())[:50].strip("_") or "video"
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    return folder / f"{task}_{size[0]}x{size[1]}_{words}_{stamp}.mp4"
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate one video", description="Generate one video with Wan2.2.")
+    p.add_argument("--task", required=True, choices=list(TASKS), help="which Wan2.2 task")
+    p.add_argument("--ckpt-dir", required=True, type=Path, help="checkpoint folder (official, diffusers or ComfyUI)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="", help="empty: the official default negative prompt")
+    p.add_argument("--image", type=Path, help="input image (i2v-A14B: required; ti2v-5B: image-to-video)")
+    p.add_argument("--size", help="W*H (or WxH); with an image only its area counts (default: the task's)")
+    p.add_argument("--frames", type=int, help="number of frames, 4k+1 (default 81, ti2v-5B 121)")
+    p.add_argument("--steps", type=int, help="sampling steps (default 40, ti2v-5B 50)")
+    p.add_argument("--shift", type=float, help="timestep shift (default 12 t2v-A14B, else 5)")
+    p.add_argument("--guide-scale", help="CFG scale: one value, or LOW,HIGH for the low-/high-noise experts")
+    p.add_argument("--solver", default="unipc", choices=["unipc", "dpm++", "euler"])
+    p.add_argument("--seed", type=int, default=-1, help="random seed (-1: random; the seed used is printed)")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--output", type=Path, help="output .mp4 (default: outputs/<task>_<size>_<prompt>_<time>.mp4)")
+    p.add_argument("--save-latents", type=Path, help="also write the final latent and decoded video (.safetensors)")
+    p.set_defaults(func=_run_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wan-local", description="Wan2.2 video generation on one local GPU.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    return parser
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import torch  # imported here so `wan-local --help` stays instant
+
+    from wan_local.pipeline import GenerationSettings, WanPipeline
+    from wan_local.video import save_video
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and args.device is None:
+        log.warning("no CUDA device found: running on the CPU (very slow at real sizes)")
+    dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    settings = GenerationSettings(
+        task=args.task,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        image=str(args.image) if args.image else None,
+        size=parse_size(args.size) if args.size else None,
+        frames=args.frames,
+        steps=args.steps,
+        shift=args.shift,
+        guide_scale=parse_guide_scale(args.guide_scale) if args.guide_scale else None,
+        solver=args.solver,
+        seed=args.seed,
+    ).resolve()
+    if args.output is not None and args.output.suffix.lower() != ".mp4":
+        raise InputError(f"--output {args.output} must end in .mp4")
+    print(f"seed: {settings.seed}", flush=True)
+    pipeline = WanPipeline(args.ckpt_dir, settings.task, device=device, dtype=dtype)
+
+    def progress(event) -> None:
+        log.info("step %d/%d  t=%d  expert=%s", event.index + 1, event.total, event.timestep, event.expert)
+
+    result = pipeline.generate(settings, on_step=progress)
+    output = args.output or default_output_path(settings.task, settings.size, settings.prompt)
+    metadata = {**result.metadata(), "dtype": dtype_name, "device": device}
+    save_video(result.video, output, result.fps, metadata)
+    if args.save_latents is not None:
+        from safetensors.torch import save_file
+
+        args.save_latents.parent.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"latents": result.latent.float().contiguous(), "video": result.video.float().contiguous()},
+            str(args.save_latents),
+            metadata={"settings": json.dumps(metadata, ensure_ascii=False)},
+        )
+    print(f"saved: {output}", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `wan-local` console script; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except WanLocalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            print(
+                f"error: out of memory ({exc}). Try a smaller size, fewer frames, or close other programs.",
+                file=sys.stderr,
+            )
+            return EXIT_OOM
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Schedules, solvers, per-task conditioning and the denoise loop."""

@@ -1,0 +1,264 @@
+"""Build models on the meta device and assign checkpoint tensors to them, in any of the three formats.
+
+The format of a DiT / VAE / text-encoder source is recognised from what is on disk (config.json class names, file
+types, key names), never from a file name. Each load checks every key and shape against the model it is meant for
+and raises a CheckpointError listing what is missing, unexpected or mis-shaped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from wan_local.errors import CheckpointError
+from wan_local.models.dit import DiTConfig, WanDiT
+from wan_local.models.text_encoder import TextEncoder
+from wan_local.models.vae21 import VAE21Config, WanVAE21
+from wan_local.models.vae22 import VAE22Config, WanVAE22
+from wan_local.weights import fp8, keymaps
+from wan_local.weights.files import StateDict, read_safetensors_metadata, read_sharded_safetensors, read_state_dict
+from wan_local.weights.umt5 import prepare_umt5_state_dict
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=nn.Module)
+
+DIT_STEM = "diffusion_pytorch_model"
+_MODEL_TYPE_BY_IN_DIM = {16: "t2v", 36: "i2v", 48: "ti2v"}
+
+
+def _list_some(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(keys[:n])
+    return f"{shown}{f', … ({len(keys)} in all)' if len(keys) > n else ''}"
+
+
+def assign_checked(
+    factory: Callable[[], M], sd: Mapping[str, torch.Tensor], source: str, dtype: torch.dtype | None
+) -> M:
+    """Build `factory()` on the meta device, check `sd` against it key by key and assign its tensors.
+
+    Floating-point tensors are converted to `dtype` (None keeps the file's dtype). Nothing is copied when the file
+    dtype already matches: the parameters stay memory-mapped views of the file until moved to a device.
+    """
+    with torch.device("meta"):
+        model = factory()
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_list_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_list_some(unexpected)}")
+    wrong = [
+        f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    if wrong:
+        problems.append(f"wrong shapes: {_list_some(wrong, 3)}")
+    if problems:
+        raise CheckpointError(
+            f"{source} does not match {type(model).__name__}: {'; '.join(problems)}. "
+            "The file is probably for a different model or task, or damaged."
+        )
+    converted = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
+    model.load_state_dict(converted, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- DiT
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+
+
+def dit_config_from_official(config: Mapping[str, Any], sd: Mapping[str, torch.Tensor]) -> DiTConfig:
+    """DiTConfig from an official `WanModel` config.json (text_dim: config if present, else the weight shape)."""
+    text_dim = config.get("text_dim") or int(sd["text_embedding.0.weight"].shape[1])
+    try:
+        return DiTConfig(
+            model_type=config["model_type"],
+            in_dim=int(config["in_dim"]),
+            out_dim=int(config["out_dim"]),
+            dim=int(config["dim"]),
+            ffn_dim=int(config["ffn_dim"]),
+            freq_dim=int(config["freq_dim"]),
+            num_heads=int(config["num_heads"]),
+            num_layers=int(config["num_layers"]),
+            text_len=int(config.get("text_len", 512)),
+            text_dim=int(text_dim),
+            eps=float(config.get("eps", 1e-6)),
+        )
+    except KeyError as exc:
+        raise CheckpointError(f"config.json lacks {exc}") from exc
+
+
+def dit_config_from_diffusers(config: Mapping[str, Any]) -> DiTConfig:
+    """DiTConfig from a diffusers `WanTransformer3DModel` config.json."""
+    in_dim = int(config["in_channels"])
+    return DiTConfig(
+        model_type=_MODEL_TYPE_BY_IN_DIM.get(in_dim, "ti2v" if config.get("expand_timesteps") else "t2v"),
+        in_dim=in_dim,
+        out_dim=int(config["out_channels"]),
+        dim=int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
+        ffn_dim=int(config["ffn_dim"]),
+        freq_dim=int(config["freq_dim"]),
+        num_heads=int(config["num_attention_heads"]),
+        num_layers=int(config["num_layers"]),
+        text_dim=int(config["text_dim"]),
+        eps=float(config.get("eps", 1e-6)),
+        patch_size=tuple(config.get("patch_size", (1, 2, 2))),
+    )
+
+
+def dit_config_from_state_dict(sd: Mapping[str, torch.Tensor], hints: Mapping[str, Any]) -> DiTConfig:
+    """DiTConfig from tensor shapes alone (single-file checkpoints carry no config).
+
+    The head count is not in any shape: it comes from `hints["num_heads"]` (a config stored in the file's
+    metadata) or else from the head dimension 128 that every Wan DiT uses.
+    """
+    patch = sd["patch_embedding.weight"]
+    dim, in_dim = int(patch.shape[0]), int(patch.shape[1])
+    patch_size = tuple(int(s) for s in patch.shape[2:])
+    out_dim = int(sd["head.head.weight"].shape[0]) // (patch_size[0] * patch_size[1] * patch_size[2])
+    num_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    model_type = hints.get("model_type") or _MODEL_TYPE_BY_IN_DIM.get(in_dim)
+    if model_type is None:
+        raise CheckpointError(f"cannot tell the model type of a DiT with {in_dim} input channels")
+    return DiTConfig(
+        model_type=model_type,
+        in_dim=in_dim,
+        out_dim=out_dim,
+        dim=dim,
+        ffn_dim=int(sd["blocks.0.ffn.0.weight"].shape[0]),
+        freq_dim=int(sd["time_embedding.0.weight"].shape[1]),
+        num_heads=int(hints.get("num_heads") or dim // 128),
+        num_layers=num_layers,
+        text_dim=int(sd["text_embedding.0.weight"].shape[1]),
+        eps=float(hints.get("eps", 1e-6)),
+        patch_size=patch_size,
+    )
+
+
+def _metadata_hints(path: Path) -> dict[str, Any]:
+    """A model config embedded in safetensors metadata under "config" (written by our own converters)."""
+    meta = read_safetensors_metadata(path)
+    try:
+        return json.loads(meta.get("config", "{}"))
+    except json.JSONDecodeError:
+        return {}
+
+
+def read_dit(path: Path, compute_dtype: torch.dtype) -> tuple[DiTConfig, StateDict, str]:
+    """(config, official-named state dict, format name) of a DiT folder or single file."""
+    path = Path(path)
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{path} has no config.json; is this a DiT folder?")
+        config = _read_json(config_path)
+        sd = read_sharded_safetensors(path, DIT_STEM)
+        class_name = config.get("_class_name", "")
+        if class_name == "WanTransformer3DModel":
+            return dit_config_from_diffusers(config), keymaps.dit_diffusers_to_official(sd), "diffusers"
+        if class_name in ("WanModel", ""):
+            return dit_config_from_official(config, sd), sd, "official"
+        raise CheckpointError(f"{config_path}: {class_name!r} is not a Wan DiT (WanModel)")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: a single-file DiT must be .safetensors")
+    sd = keymaps.strip_prefix(read_state_dict(path))
+    if fp8.is_fp8_checkpoint(sd):
+        sd = fp8.dequantize_state_dict(sd, compute_dtype, source=str(path))
+    if "condition_embedder.time_proj.weight" in sd:
+        sd = keymaps.dit_diffusers_to_official(sd)
+    if "patch_embedding.weight" not in sd:
+        raise CheckpointError(f"{path} is not a Wan DiT file (it has no patch_embedding.weight)")
+    return dit_config_from_state_dict(sd, _metadata_hints(path)), sd, "comfyui"
+
+
+def load_dit(path: Path, dtype: torch.dtype = torch.float32, expected_model_type: str | None = None) -> WanDiT:
+    """Load a Wan DiT from an official or diffusers folder, or a ComfyUI single file (fp8_scaled included).
+
+    `expected_model_type` ("t2v", "i2v", "ti2v") guards against loading the wrong task's checkpoint.
+    """
+    try:
+        config, sd, fmt = read_dit(Path(path), dtype)
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: missing tensor or config field {exc}") from exc
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: invalid model configuration ({exc})") from exc
+    if expected_model_type is not None and config.model_type != expected_model_type:
+        raise CheckpointError(
+            f"{path} holds a {config.model_type!r} model but this task needs {expected_model_type!r}; "
+            "point --ckpt-dir at the checkpoint of the task you chose"
+        )
+    log.info("loading %s DiT from %s (%d layers, dim %d)", fmt, path, config.num_layers, config.dim)
+    return assign_checked(lambda: WanDiT(config), sd, str(path), dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- VAE
+
+_VAE_KINDS = {
+    "wan2.1": (WanVAE21, VAE21Config, keymaps.vae21_official_to_diffusers_key),
+    "wan2.2": (WanVAE22, VAE22Config, keymaps.vae22_official_to_diffusers_key),
+}
+
+
+def load_vae(path: Path, kind: str) -> WanVAE21 | WanVAE22:
+    """Load the Wan2.1 or Wan2.2 VAE (float32, as the reference runs it).
+
+    `path` is the official `.pth`, a ComfyUI `.safetensors` (official names, maybe prefixed) or a diffusers `vae/`
+    folder (`AutoencoderKLWan`).
+    """
+    if kind not in _VAE_KINDS:
+        raise ValueError(f"unknown VAE kind {kind!r}; expected one of {sorted(_VAE_KINDS)}")
+    model_cls, config_cls, to_diffusers = _VAE_KINDS[kind]
+    path = Path(path)
+    if path.is_dir():
+        sd = read_state_dict(path)
+        # diffusers' names -> official: build the official key list for the config the shapes give.
+        probe = {k: v for k, v in sd.items()}
+        probe["encoder.conv1.weight"] = sd.get("encoder.conv_in.weight")
+        probe["decoder.conv1.weight"] = sd.get("decoder.conv_in.weight")
+        probe["conv2.weight"] = sd.get("post_quant_conv.weight")
+        if any(probe[k] is None for k in ("encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight")):
+            raise CheckpointError(f"{path} is not a diffusers AutoencoderKLWan folder")
+        config = _vae_config(config_cls, probe, path)
+        with torch.device("meta"):
+            official_keys = list(model_cls(config).state_dict())
+        sd = keymaps.rename_by_inverse(sd, official_keys, to_diffusers)
+    else:
+        sd = keymaps.strip_prefix(read_state_dict(path))
+        config = _vae_config(config_cls, sd, path)
+    return assign_checked(lambda: model_cls(config), sd, str(path), torch.float32)
+
+
+def _vae_config(config_cls: Any, sd: Mapping[str, torch.Tensor], path: Path) -> Any:
+    try:
+        return config_cls.from_state_dict(sd)
+    except (KeyError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"{path} does not look like a {config_cls.__name__[:5]} VAE: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------------- UMT5
+
+
+def load_text_encoder(path: Path, dtype: torch.dtype = torch.bfloat16) -> TextEncoder:
+    """Load the UMT5-XXL encoder: official `.pth`, diffusers `text_encoder/` folder or ComfyUI file (fp8_scaled
+    included), as a transformers UMT5EncoderModel in `dtype` (the reference runs it in bf16)."""
+    path = Path(path)
+    config, sd = prepare_umt5_state_dict(read_state_dict(path), dtype, source=str(path))
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    return TextEncoder.from_state_dict(config, sd)

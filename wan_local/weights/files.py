@@ -101,7 +101,8 @@ def read_pth(path: Path) -> StateDict:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         # torch's message suggests weights_only=False; never do that with a downloaded file.
-        detail = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln), "")
+        # torch names the refused global on a line with "Unsupported" or "unsupported", depending on the version.
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "unsupported" in ln.lower()), "")
         raise CheckpointError(
             f"{path} was refused for safety: it holds Python objects, not only tensors ({detail}); "
             "use the official file or a .safetensors copy"

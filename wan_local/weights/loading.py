@@ -164,6 +164,8 @@ def _metadata_hints(path: Path) -> dict[str, Any]:
 def read_dit(path: Path, compute_dtype: torch.dtype) -> tuple[DiTConfig, StateDict, str]:
     """(config, official-named state dict, format name) of a DiT folder or single file."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"DiT checkpoint {path} does not exist")
     if path.is_dir():
         config_path = path / "config.json"
         if not config_path.is_file():
@@ -248,7 +250,8 @@ def load_vae(path: Path, kind: str) -> WanVAE21 | WanVAE22:
 def _vae_config(config_cls: Any, sd: Mapping[str, torch.Tensor], path: Path) -> Any:
     try:
         return config_cls.from_state_dict(sd)
-    except (KeyError, ValueError, IndexError) as exc:
+    except (CheckpointError, KeyError, ValueError, IndexError) as exc:
+        # The config readers raise CheckpointErrors that name tensors, not the file: add it.
         raise CheckpointError(f"{path} does not look like a {config_cls.__name__[:5]} VAE: {exc}") from exc
 
 

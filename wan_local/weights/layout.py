@@ -103,9 +103,12 @@ def _official(root: Path, spec: TaskSpec) -> CheckpointSet:
 
 
 def _diffusers(root: Path, spec: TaskSpec) -> CheckpointSet:
-    dit = {HIGH: root / "transformer", LOW: root / "transformer_2"} if spec.two_experts else {}
-    if not spec.two_experts:
-        dit = {SINGLE: root / "transformer"}
+    # diffusers' `transformer` is the high-noise expert, `transformer_2` the low-noise one.
+    dit = (
+        {HIGH: root / "transformer", LOW: root / "transformer_2"}
+        if spec.two_experts
+        else {SINGLE: root / "transformer"}
+    )
     parts = [*dit.values(), root / "vae", root / "text_encoder"]
     missing = [f"{p.name}/" for p in parts if not (p / "config.json").is_file()]
     tokenizer = _tokenizer_dir(root)

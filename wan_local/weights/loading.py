@@ -230,29 +230,33 @@ def load_vae(path: Path, kind: str) -> WanVAE21 | WanVAE22:
     path = Path(path)
     if path.is_dir():
         sd = read_state_dict(path)
-        # diffusers' names -> official: build the official key list for the config the shapes give.
-        probe = {k: v for k, v in sd.items()}
-        probe["encoder.conv1.weight"] = sd.get("encoder.conv_in.weight")
-        probe["decoder.conv1.weight"] = sd.get("decoder.conv_in.weight")
-        probe["conv2.weight"] = sd.get("post_quant_conv.weight")
-        if any(probe[k] is None for k in ("encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight")):
-            raise CheckpointError(f"{path} is not a diffusers AutoencoderKLWan folder")
-        config = _vae_config(config_cls, probe, path)
+        # diffusers' names -> official: the config comes from the three tensors whose shapes define it, then
+        # the official key list of that config gives the exact inverse name map.
+        shape_keys = {
+            "encoder.conv1.weight": "encoder.conv_in.weight",
+            "decoder.conv1.weight": "decoder.conv_in.weight",
+            "conv2.weight": "post_quant_conv.weight",
+        }
+        if any(k not in sd for k in shape_keys.values()):
+            raise CheckpointError(
+                f"{path} is not a diffusers AutoencoderKLWan folder (no {shape_keys['conv2.weight']})"
+            )
+        config = _vae_config(kind, config_cls, {ours: sd[theirs] for ours, theirs in shape_keys.items()}, path)
         with torch.device("meta"):
             official_keys = list(model_cls(config).state_dict())
         sd = keymaps.rename_by_inverse(sd, official_keys, to_diffusers)
     else:
         sd = keymaps.strip_prefix(read_state_dict(path))
-        config = _vae_config(config_cls, sd, path)
+        config = _vae_config(kind, config_cls, sd, path)
     return assign_checked(lambda: model_cls(config), sd, str(path), torch.float32)
 
 
-def _vae_config(config_cls: Any, sd: Mapping[str, torch.Tensor], path: Path) -> Any:
+def _vae_config(kind: str, config_cls: Any, sd: Mapping[str, torch.Tensor], path: Path) -> Any:
     try:
         return config_cls.from_state_dict(sd)
     except (CheckpointError, KeyError, ValueError, IndexError) as exc:
         # The config readers raise CheckpointErrors that name tensors, not the file: add it.
-        raise CheckpointError(f"{path} does not look like a {config_cls.__name__[:5]} VAE: {exc}") from exc
+        raise CheckpointError(f"{path} does not look like a {kind} VAE: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------------- UMT5

@@ -12,6 +12,7 @@ from PIL import Image
 
 from wan_local import cli
 from wan_local.errors import InputError
+from wan_local.options import parse_guide_scale
 from wan_local.pipeline import GenerationSettings, WanPipeline
 from wan_local.sampling.denoise import Cancelled, CancelToken
 from wan_local.specs import parse_size
@@ -20,14 +21,14 @@ from wan_local.specs import parse_size
 def test_parse_size_and_guide_scale():
     assert parse_size("1280*720") == (1280, 720)
     assert parse_size("832x480") == (832, 480)
-    assert cli.parse_guide_scale("3.5") == (3.5, 3.5)
-    assert cli.parse_guide_scale("3,4") == (3.0, 4.0)
+    assert parse_guide_scale("3.5") == (3.5, 3.5)
+    assert parse_guide_scale("3,4") == (3.0, 4.0)
     for bad in ("1280", "a*b", "0*16", "16*16*16"):
         with pytest.raises(InputError):
             parse_size(bad)
     for bad in ("x", "1,2,3"):
         with pytest.raises(InputError):
-            cli.parse_guide_scale(bad)
+            parse_guide_scale(bad)
 
 
 def test_defaults_are_the_official_ones():

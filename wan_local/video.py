@@ -82,6 +82,7 @@ def save_video(video: torch.Tensor, path: Path, fps: int, settings: Mapping[str,
                 f"writing {path} failed: {message[-1] if message else 'ffmpeg exited with ' + str(proc.returncode)}"
                 " (is the disk full or the folder read-only?)"
             )
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a video is an ordinary user file
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,0 +1,216 @@
+"""The worker: queue order, failures, cancel, out-of-memory retries with a fake runner, and a real worker process
+running the tiny models that is killed mid-job, restarted, and loses nothing."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from wan_local.errors import InputError
+from wan_local.jobs.runner import JobOutOfMemory, PipelineRunner, Progress
+from wan_local.jobs.store import JobSettings, JobStore
+from wan_local.jobs.worker import WorkerConfig, run_worker, spawn_worker
+from wan_local.pipeline import WanPipeline
+from wan_local.video import read_settings
+
+
+class FakeRunner:
+    """Runs `steps` fake steps per job, checking the cancel token before each like the denoise loop.
+
+    A prompt "fail" raises InputError, "oom" a CUDA-style RuntimeError, a job with preset "big" JobOutOfMemory;
+    `during(job, step)` is called after each step.
+    """
+
+    def __init__(self, tmp: Path, steps: int = 4, during=None) -> None:
+        self.tmp, self.steps, self.during = tmp, steps, during
+        self.runs: list[tuple[int, str | None]] = []
+
+    def run(self, job, on_progress, cancel) -> Path:
+        self.runs.append((job.id, job.settings.preset))
+        on_progress(Progress("encode_text"))
+        if job.settings.prompt == "fail":
+            raise InputError("image /x.png cannot be read")
+        if job.settings.prompt == "oom":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if job.settings.preset == "big":
+            raise JobOutOfMemory(f"out of memory while generating job {job.id}")
+        for step in range(self.steps):
+            cancel.raise_if_cancelled()
+            on_progress(Progress("denoise", step + 1, self.steps, eta_seconds=0.1))
+            if self.during is not None:
+                self.during(job, step + 1)
+        out = self.tmp / f"{job.id}.mp4"
+        out.write_bytes(b"video")
+        return out
+
+
+def _add(store: JobStore, prompt: str, **changes):
+    base = {"task": "t2v-A14B", "ckpt_dir": "ckpt", "prompt": prompt}
+    return store.add(JobSettings(**{**base, **changes}), validate=False)
+
+
+@pytest.fixture
+def store(tmp_path) -> JobStore:
+    return JobStore(tmp_path / "jobs.sqlite3")
+
+
+def test_worker_runs_the_queue_in_order_and_carries_on_after_failures(tmp_path, store):
+    jobs = [_add(store, p) for p in ("a", "fail", "oom", "b")]
+    store.move(jobs[3].id, "up")
+    runner = FakeRunner(tmp_path)
+    assert run_worker(store, runner, once=True, poll_s=0.01) == 4
+    assert [r[0] for r in runner.runs] == [jobs[0].id, jobs[1].id, jobs[3].id, jobs[2].id]
+    final = {j.settings.prompt: j for j in store.list()}
+    assert final["a"].state == final["b"].state == "done"
+    assert final["a"].output_path == str(tmp_path / f"{jobs[0].id}.mp4") and final["a"].progress.step == 4
+    assert (final["fail"].state, final["fail"].error) == ("failed", "image /x.png cannot be read")
+    assert final["oom"].state == "failed" and "out of memory" in final["oom"].error
+    assert store.list(("running",)) == []
+    with sqlite3.connect(store.path) as conn:  # unregistered on exit
+        assert conn.execute("SELECT COUNT(*) FROM workers").fetchone()[0] == 0
+
+
+def test_out_of_memory_requeues_once_with_the_lower_preset(tmp_path, store):
+    ladder = {"huge": "big", "big": "small", "last": None}
+    first = _add(store, "x", preset="huge")
+    second = _add(store, "y", preset="last")  # no lower preset: plain failure
+    fine = _add(store, "z")
+
+    class Runner(FakeRunner):
+        def run(self, job, on_progress, cancel):
+            if job.settings.preset in ("huge", "last"):
+                self.runs.append((job.id, job.settings.preset))
+                raise RuntimeError("CUDA out of memory")
+            return super().run(job, on_progress, cancel)
+
+    runner = Runner(tmp_path)
+    run_worker(store, runner, once=True, poll_s=0.01, config=WorkerConfig(lower_preset=ladder.get))
+    # huge -> OOM -> re-queued at the front with "big" -> OOM again -> failed (only one automatic retry)
+    assert runner.runs == [(first.id, "huge"), (first.id, "big"), (second.id, "last"), (fine.id, None)]
+    job = store.get(first.id)
+    assert (job.state, job.settings.preset, job.oom_retries, job.attempts) == ("failed", "big", 1, 2)
+    assert "re-queued once with the lower preset 'big'" in job.note and "out of memory" in job.error
+    assert store.get(second.id).state == "failed" and store.get(fine.id).state == "done"
+
+    store.retry(first.id)
+    run_worker(store, FakeRunner(tmp_path), once=True, config=WorkerConfig(lower_preset=ladder.get, retry_oom=False))
+    assert store.get(first.id).state == "failed"
+
+
+def test_cancel_and_stop_take_effect_within_one_step(tmp_path, store):
+    cancelled, handed_back = _add(store, "cancel me"), _add(store, "stop here")
+    stop = threading.Event()
+    seen: dict[int, int] = {}
+
+    def during(job, step):
+        seen[job.id] = step
+        if job.id == cancelled.id and step == 2:
+            store.request_cancel(job.id)
+        if job.id == handed_back.id and step == 3:
+            stop.set()
+
+    run_worker(store, FakeRunner(tmp_path, steps=50, during=during), stop, poll_s=0.01)
+    # Both arrive after step 2 / 3 has been reported: the next step (in flight in a real run) is the last one.
+    job = store.get(cancelled.id)
+    assert (job.state, job.error, seen[cancelled.id]) == ("cancelled", "cancelled by the user", 3)
+    job = store.get(handed_back.id)  # stopping the worker is not a user's cancel: the job goes back to the queue
+    assert (job.state, job.attempts, seen[handed_back.id]) == ("queued", 1, 4)
+    assert "stopped during this job" in job.note
+
+
+def test_pipeline_runner_turns_oom_into_a_clear_failure(tiny, tmp_path, monkeypatch, store):
+    def generate(self, settings, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 23.99 GiB total)")
+
+    monkeypatch.setattr(WanPipeline, "generate", generate)
+    job = _add(store, "a fox", ckpt_dir=str(tiny / "t2v-A14B"), size=(64, 48), frames=5, steps=2, device="cpu")
+    runner = PipelineRunner(tmp_path / "out", tmp_path / "previews")
+    with pytest.raises(JobOutOfMemory) as info:
+        runner.run(store.claim_next("w"), lambda p: None, None)
+    message = str(info.value)
+    assert "Tried to allocate 20.00 GiB" in message and "lower memory preset" in message and f"job {job.id}" in message
+
+
+# ---------------------------------------------------------------------------------------------------- real process
+
+
+def _wait(what, predicate, timeout: float = 60.0, proc=None):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"worker exited ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_worker_process_survives_sigkill(tiny, tmp_path, capsys):
+    """Real tiny models on the CPU: SIGKILL mid-job, restart, nothing lost; a broken image fails alone; cancel
+    stops within a step. Prints how long the restart took until the interrupted job ran again."""
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    t2v = {"task": "t2v-A14B", "ckpt_dir": str(tiny / "t2v-A14B"), "size": (64, 48), "frames": 5, "device": "cpu"}
+    killed = store.add(JobSettings(prompt="a red fox in snow", steps=30, seed=5, **t2v))
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(image)
+    i2v = {**t2v, "task": "i2v-A14B", "ckpt_dir": str(tiny / "i2v-A14B"), "steps": 2}
+    broken = store.add(JobSettings(prompt="a cat", image=str(image), **i2v))
+    Path(broken.settings.image).write_bytes(b"\x89PNG\r\n\x1a\n damaged on disk")  # the stored copy breaks
+    after = store.add(JobSettings(prompt="an owl", steps=3, seed=1, **t2v))
+    cancel = store.add(JobSettings(prompt="a whale", steps=40, seed=2, **t2v))
+
+    env = {**os.environ, "WAN_LOCAL_HOME": str(tmp_path)}
+    entry = ("-m", "wan_local.jobs.worker")
+    first = spawn_worker(store.path, once=True, entry=entry, log_path=tmp_path / "w1.log", env=env)
+    try:
+        _wait("job 1 mid-way", lambda: store.get(killed.id).progress.step >= 3, proc=first)
+        first.kill()  # SIGKILL: no cleanup of any kind
+        first.wait()
+        killed_at = time.monotonic()
+        assert store.get(killed.id).state == "running"  # what a crash leaves behind
+
+        second = spawn_worker(store.path, once=True, entry=entry, log_path=tmp_path / "w2.log", env=env)
+        _wait("the re-run", lambda: store.get(killed.id).attempts == 2, proc=second)
+        claimed_s = time.monotonic() - killed_at
+        _wait("its first step", lambda: store.get(killed.id).progress.step >= 1, proc=second)
+        first_step_s = time.monotonic() - killed_at
+
+        def whale_running():
+            job = store.get(cancel.id)
+            return job.state == "running" and job.progress.step >= 2
+
+        _wait("the job to cancel", whale_running, proc=second)
+        store.request_cancel(cancel.id)
+        step_at_cancel = store.get(cancel.id).progress.step
+        assert second.wait(60) == 0
+    finally:
+        for proc in (first, locals().get("second")):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    jobs = {j.id: j for j in store.list()}
+    assert set(jobs) == {killed.id, broken.id, after.id, cancel.id}  # nothing lost
+    done = jobs[killed.id]
+    assert (done.state, done.attempts, done.error) == ("done", 2, None)
+    meta = read_settings(Path(done.output_path))
+    assert meta["job_id"] == killed.id and meta["prompt"] == "a red fox in snow"
+    assert (meta["seed"], meta["steps"], meta["size"], meta["frames"], meta["task"]) == (5, 30, "64*48", 5, "t2v-A14B")
+    assert Path(done.preview_path).is_file()
+
+    failed = jobs[broken.id]
+    assert failed.state == "failed" and "cannot be read" in failed.error and broken.settings.image in failed.error
+    assert jobs[after.id].state == "done" and jobs[after.id].started_at > failed.finished_at
+    whale = jobs[cancel.id]
+    assert (whale.state, whale.error) == ("cancelled", "cancelled by the user")
+    assert whale.progress.step <= step_at_cancel + 1, "cancel must take effect within one step"
+    with capsys.disabled():
+        print(f"\nrestart after SIGKILL: job re-claimed after {claimed_s:.2f} s, first step after {first_step_s:.2f} s")

@@ -1,0 +1,243 @@
+"""The engine boundary the worker calls: run one job, report progress, return the video's path.
+
+`JobRunner` is the protocol (tests use a fake); `PipelineRunner` runs the real `WanPipeline`, saves the MP4 with
+the settings embedded, writes a small latent preview PNG while denoising and turns an out-of-memory error into
+`JobOutOfMemory` with a message a user can act on.
+
+Latent preview: the latent [C, T, h, w] of the first latent frame is mapped to RGB by a fixed linear projection
+(`latent_to_rgb`) and upscaled with nearest-neighbour. The projection averages the channels in three contiguous
+groups (C = 16 -> 6/5/5 channels for R/G/B, C = 48 -> 16/16/16) and stretches the result by its own mean and
+standard deviation. It is a structure preview: it shows composition and motion early, not true colours (those
+would need per-channel RGB factors fitted against the real VAE decoder; `PREVIEW_FACTORS` is where such a
+[3, C] table goes). It works for any channel count >= 3, so it needs no knowledge of the VAE.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from wan_local.errors import WanLocalError
+from wan_local.jobs.store import Job
+
+if TYPE_CHECKING:
+    import torch
+
+    from wan_local.pipeline import WanPipeline
+    from wan_local.sampling.denoise import CancelToken, StepEvent
+
+log = logging.getLogger(__name__)
+
+#: Optional per-channel-count RGB projections [3, C] (row r: weights of each latent channel for colour r).
+PREVIEW_FACTORS: dict[int, list[list[float]]] = {}
+PREVIEW_LONG_SIDE = 320  # preview PNGs are upscaled (integer factor, nearest) to at least this long side
+
+
+class JobOutOfMemory(WanLocalError):
+    """The GPU (or host) ran out of memory while running a job."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a runner reports: the stage ("encode_text", "denoise", "decode", "save", ...), denoise step
+    (1-based, 0 = none yet) of total, seconds left (None until measurable) and the newest preview PNG."""
+
+    stage: str
+    step: int = 0
+    total: int = 0
+    eta_seconds: float | None = None
+    preview_path: str | None = None
+
+
+class JobRunner(Protocol):
+    """Runs one job to completion and returns the video path; raises Cancelled (see sampling.denoise) when
+    `cancel` fires, JobOutOfMemory on OOM, WanLocalError for bad input."""
+
+    def run(self, job: Job, on_progress: Callable[[Progress], None], cancel: CancelToken) -> Path:
+        """Run `job`, calling `on_progress` at each stage and denoise step."""
+        ...
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA OOM (torch.cuda.OutOfMemoryError or its RuntimeError text) and host allocation failures."""
+    if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def latent_to_rgb(latent: torch.Tensor) -> torch.Tensor:
+    """First frame of a latent [C, T, h, w] -> uint8 RGB image [h, w, 3] (see the module docstring)."""
+    import torch
+
+    frame = latent[:, 0].detach().float().cpu()  # [C, h, w]
+    channels = frame.shape[0]
+    if channels in PREVIEW_FACTORS:
+        rgb = torch.einsum("rc,chw->rhw", torch.tensor(PREVIEW_FACTORS[channels]), frame)
+    elif channels >= 3:
+        rgb = torch.stack([g.mean(0) for g in torch.tensor_split(frame, 3, dim=0)])
+    else:
+        rgb = frame.mean(0, keepdim=True).expand(3, -1, -1)
+    rgb = (rgb - rgb.mean()) / (2.5 * rgb.std().clamp_min(1e-6))  # ±2.5 std -> [-1, 1]
+    return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+
+
+def write_preview(latent: torch.Tensor, path: Path) -> Path:
+    """Write the latent preview as a PNG, upscaled by nearest-neighbour, atomically (tmp file + replace)."""
+    from PIL import Image
+
+    image = latent_to_rgb(latent).numpy()
+    height, width = image.shape[:2]
+    factor = max(1, -(-PREVIEW_LONG_SIDE // max(height, width)))
+    picture = Image.fromarray(image).resize((width * factor, height * factor), Image.Resampling.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        picture.save(tmp, format="PNG")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the UI (maybe another user's web server) reads it
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+class StepTimer:
+    """ETA from measured step times: the mean duration of the last `window` steps (the first step, which
+    includes loading an expert, is left out once there are others) times the steps left."""
+
+    def __init__(self, window: int = 8) -> None:
+        self.window = window
+        self._last: float | None = None
+        self._durations: list[float] = []
+
+    def start(self) -> None:
+        """Mark the start of the first step (call when the denoise stage begins)."""
+        self._last = time.perf_counter()
+
+    def step(self, done: int, total: int) -> float | None:
+        """Record that step `done` (1-based) of `total` finished; return the estimated seconds left."""
+        now = time.perf_counter()
+        if self._last is not None:
+            self._durations.append(now - self._last)
+        self._last = now
+        recent = self._durations[1:] if len(self._durations) > 1 else self._durations
+        recent = recent[-self.window :]
+        if not recent:
+            return None
+        return round(sum(recent) / len(recent) * (total - done), 1)
+
+
+def default_output_name(job: Job, task: str, size: tuple[int, int]) -> str:
+    """job<id>_<task>_<W>x<H>_<first words of the prompt>.mp4"""
+    words = re.sub(r"[^\w-]+", "_", job.settings.prompt.strip())[:40].strip("_") or "video"
+    return f"job{job.id:05d}_{task}_{size[0]}x{size[1]}_{words}.mp4"
+
+
+class PipelineRunner:
+    """Runs jobs with WanPipeline; keeps the last two pipelines (keyed by ckpt_dir, task, device, dtype).
+
+    output_dir is used for jobs without an explicit output; previews go to preview_dir/job<id>.png and are
+    written every `preview_every` steps.
+    """
+
+    def __init__(self, output_dir: Path, preview_dir: Path, *, preview_every: int = 1) -> None:
+        self.output_dir = Path(output_dir)
+        self.preview_dir = Path(preview_dir)
+        self.preview_every = max(1, preview_every)
+        self._pipelines: dict[tuple[str, str, str, str], WanPipeline] = {}
+
+    def _pipeline(self, ckpt_dir: str, task: str, device: str, dtype_name: str) -> WanPipeline:
+        import torch
+
+        from wan_local.pipeline import WanPipeline
+
+        key = (str(Path(ckpt_dir).resolve()), task, device, dtype_name)
+        if key not in self._pipelines:
+            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+            self._pipelines[key] = WanPipeline(Path(ckpt_dir), task, device=device, dtype=dtype)
+            while len(self._pipelines) > 2:
+                self._pipelines.pop(next(iter(self._pipelines)))
+        return self._pipelines[key]
+
+    def run(self, job: Job, on_progress: Callable[[Progress], None], cancel: CancelToken) -> Path:
+        """Generate `job`'s video, save it with its settings embedded, return the path."""
+        import torch
+
+        from wan_local.pipeline import GenerationSettings
+
+        s = job.settings
+        device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype_name = s.dtype or ("bf16" if device == "cuda" else "fp32")
+        settings = GenerationSettings(
+            task=s.task,
+            prompt=s.prompt,
+            negative_prompt=s.negative_prompt,
+            image=s.image,
+            size=s.size,
+            frames=s.frames,
+            steps=s.steps,
+            shift=s.shift,
+            guide_scale=s.guide_scale,
+            solver=s.solver,
+            seed=job.resolved_seed,
+        ).resolve()
+        # Memory options and presets reach the engine once the pipeline takes them (see the module report).
+        oom: str | None = None
+        try:
+            pipeline = self._pipeline(s.ckpt_dir, settings.task, device, dtype_name)
+            result = self._generate(pipeline, job, settings, on_progress, cancel)
+            on_progress(Progress("save", settings.steps, settings.steps))
+            output = Path(s.output) if s.output else self.output_dir / default_output_name(job, s.task, settings.size)
+            metadata: dict[str, Any] = {
+                **result.metadata(),
+                "dtype": dtype_name,
+                "device": device,
+                "job_id": job.id,
+                "preset": s.preset,
+                "memory": dict(s.memory),
+                "image_source": s.image_source,
+            }
+            from wan_local.video import save_video
+
+            return save_video(result.video, output, result.fps, metadata)
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            oom = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # Out of the except block, so the failed frames (and the tensors they hold) can be freed first.
+        self._pipelines.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise JobOutOfMemory(
+            f"out of memory while generating job {job.id} ({oom}). Try a lower memory preset, a smaller size or "
+            "fewer frames, or close other programs that use the GPU"
+        )
+
+    def _generate(self, pipeline, job: Job, settings, on_progress: Callable[[Progress], None], cancel: CancelToken):
+        timer = StepTimer()
+        preview = self.preview_dir / f"job{job.id}.png"
+
+        def on_stage(name: str) -> None:
+            if name == "denoise":
+                timer.start()
+            on_progress(Progress(name, 0, settings.steps))
+
+        def on_step(event: StepEvent) -> None:
+            done = event.index + 1
+            eta = timer.step(done, event.total)
+            path = None
+            if done % self.preview_every == 0 or done == event.total:
+                path = str(write_preview(event.latent, preview))
+            on_progress(Progress("denoise", done, event.total, eta, path))
+
+        return pipeline.generate(settings, on_step=on_step, on_stage=on_stage, cancel=cancel)

@@ -1,0 +1,309 @@
+"""The worker process: takes queued jobs one at a time and runs them, recording everything in the store.
+
+It runs apart from the UI (`spawn_worker`), so closing or crashing the UI never touches a generation, and a
+crash of the worker loses nothing: at start it re-queues the jobs a dead worker left `running`. One worker
+serves a queue (the store refuses a second live one). A heartbeat thread keeps the job's heartbeat fresh during
+long stages (model loading) and turns a cancel request or a stop signal into the job's CancelToken; progress
+callbacks do the same every denoise step, so a cancel takes effect before the next step starts.
+
+Stopping (SIGTERM, Ctrl-C, `stop_event`) interrupts the current job within a step and puts it back at the
+front of the queue; a user's cancel marks it cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from wan_local.errors import WanLocalError
+from wan_local.jobs.runner import JobOutOfMemory, JobRunner, Progress, is_out_of_memory
+from wan_local.jobs.store import Job, JobStore, StoreBusyError
+
+if TYPE_CHECKING:
+    from wan_local.sampling.denoise import CancelToken
+
+log = logging.getLogger(__name__)
+
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130  # as wan_local.cli
+WORKER_ENTRY = ("-m", "wan_local", "worker")
+
+LowerPreset = Callable[[str], "str | None"]
+
+
+def new_worker_id() -> str:
+    """host-pid-random: unique per worker process start."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclasses.dataclass
+class WorkerConfig:
+    """Timing and retry policy of a worker. Seconds throughout.
+
+    heartbeat_s: heartbeat period while a job runs (and how
+    late a stop signal may be noticed between steps). stale_after_s: a running job whose heartbeat is older is
+    considered orphaned at the next worker start. lower_preset(name) -> next lower memory preset or None; with
+    retry_oom an out-of-memory job naming a preset is re-queued once with that lower preset.
+    """
+
+    heartbeat_s: float = 2.0
+    stale_after_s: float = 120.0
+    lower_preset: LowerPreset | None = None
+    retry_oom: bool = True
+
+
+def run_worker(
+    store: JobStore,
+    runner: JobRunner,
+    stop_event: threading.Event | None = None,
+    once: bool = False,
+    poll_s: float = 1.0,
+    *,
+    config: WorkerConfig | None = None,
+    worker_id: str | None = None,
+) -> int:
+    """Serve the queue until `stop_event` is set (or, with `once`, until it is empty); return jobs run.
+
+    `poll_s` is the wait between looks at an empty queue. Raises WorkerAlreadyRunning if another live worker
+    serves the store.
+    """
+    config = config or WorkerConfig()
+    stop_event = stop_event or threading.Event()
+    worker_id = worker_id or new_worker_id()
+    store.register_worker(worker_id, stale_after_s=config.stale_after_s)
+    runs, last_beat = 0, time.monotonic()
+    idle_beat_s = min(30.0, config.stale_after_s / 4)  # idle: an occasional durable write is enough
+    try:
+        store.requeue_stale(stale_after_s=config.stale_after_s)
+        while not stop_event.is_set():
+            job = store.claim_next(worker_id)
+            if job is None:
+                if once:
+                    break
+                if time.monotonic() - last_beat >= idle_beat_s:
+                    store.heartbeat(worker_id)
+                    last_beat = time.monotonic()
+                stop_event.wait(poll_s)
+                continue
+            run_job(store, runner, job, worker_id, stop_event, config)
+            runs += 1
+            last_beat = time.monotonic()
+    finally:
+        store.unregister_worker(worker_id)
+    log.info("worker %s stopped after %d job(s)", worker_id, runs)
+    return runs
+
+
+def _watch(
+    store: JobStore, job: Job, worker_id: str, token: CancelToken, stop: threading.Event, finished: threading.Event,
+    heartbeat_s: float,
+) -> None:  # fmt: skip
+    """Heartbeat thread: refresh the heartbeat, and cancel the token on a cancel request or a stop signal."""
+    ticks = max(1, round(heartbeat_s / 0.2))
+    tick = 0
+    while not finished.wait(0.2):
+        if stop.is_set():
+            token.cancel()
+        tick += 1
+        if tick % ticks:
+            continue
+        try:
+            if store.heartbeat(worker_id, job.id):
+                token.cancel()
+        except StoreBusyError as exc:
+            log.warning("heartbeat of job %d skipped: %s", job.id, exc)
+    store.close()  # this thread's connection
+
+
+def run_job(
+    store: JobStore, runner: JobRunner, job: Job, worker_id: str, stop: threading.Event, config: WorkerConfig
+) -> str:
+    """Run one claimed job and record its outcome; return the final state ("queued" when handed back)."""
+    from wan_local.sampling.denoise import Cancelled, CancelToken  # torch: not at import time
+
+    token = CancelToken()
+    finished = threading.Event()
+    watcher = threading.Thread(
+        target=_watch, args=(store, job, worker_id, token, stop, finished, config.heartbeat_s), daemon=True
+    )
+    log.info("job %d: start (attempt %d) %s", job.id, job.attempts, job.settings.prompt[:60])
+
+    def on_progress(p: Progress) -> None:
+        try:
+            should_stop = store.update_progress(
+                job.id, worker_id, step=p.step, total=p.total, stage=p.stage, eta_seconds=p.eta_seconds,
+                preview_path=p.preview_path,
+            )  # fmt: skip
+        except StoreBusyError as exc:  # the next step reports again; a busy UI must not fail the job
+            log.warning("progress of job %d not recorded: %s", job.id, exc)
+            should_stop = False
+        if should_stop or stop.is_set():
+            token.cancel()
+
+    watcher.start()
+    try:
+        output = runner.run(job, on_progress, token)
+    except Cancelled:
+        if stop.is_set() and not store.get(job.id).cancel_requested:
+            store.requeue(job.id, worker_id, note="the worker was stopped during this job; re-queued")
+            return "queued"
+        store.finish(job.id, worker_id, "cancelled", error="cancelled by the user")
+        log.info("job %d: cancelled", job.id)
+        return "cancelled"
+    except JobOutOfMemory as exc:
+        return _out_of_memory(store, job, worker_id, str(exc), config)
+    except WanLocalError as exc:
+        store.finish(job.id, worker_id, "failed", error=str(exc))
+        log.error("job %d failed: %s", job.id, exc)
+        return "failed"
+    except KeyboardInterrupt:
+        store.requeue(job.id, worker_id, note="the worker was interrupted during this job; re-queued")
+        raise
+    except Exception as exc:  # a bug or engine error in one job must not stop the whole queue
+        if is_out_of_memory(exc):
+            return _out_of_memory(store, job, worker_id, f"out of memory: {exc}", config)
+        log.exception("job %d failed with an unexpected error", job.id)
+        store.finish(job.id, worker_id, "failed", error=f"unexpected error: {type(exc).__name__}: {exc}")
+        return "failed"
+    finally:
+        finished.set()
+        watcher.join()
+        gc.collect()
+    store.finish(job.id, worker_id, "done", output_path=str(output))
+    log.info("job %d: done -> %s", job.id, output)
+    return "done"
+
+
+def _out_of_memory(store: JobStore, job: Job, worker_id: str, message: str, config: WorkerConfig) -> str:
+    """Fail the job, or re-queue it once with the next lower preset when the job names one and a hook exists."""
+    lower = None
+    if config.retry_oom and config.lower_preset is not None and job.settings.preset and job.oom_retries == 0:
+        lower = config.lower_preset(job.settings.preset)
+    if lower:
+        settings = dataclasses.replace(job.settings, preset=lower)
+        note = f"{message} — re-queued once with the lower preset {lower!r} (was {job.settings.preset!r})"
+        store.requeue(job.id, worker_id, note=note, settings=settings, oom=True)
+        log.warning("job %d: out of memory with preset %s; retrying with %s", job.id, job.settings.preset, lower)
+        return "queued"
+    store.finish(job.id, worker_id, "failed", error=message)
+    log.error("job %d failed: %s", job.id, message)
+    return "failed"
+
+
+# ---------------------------------------------------------------------------------------------------- process
+
+
+def spawn_worker(
+    store_path: Path | str,
+    *,
+    once: bool = False,
+    extra_args: Sequence[str] = (),
+    entry: Sequence[str] = WORKER_ENTRY,
+    log_path: Path | str | None = None,
+    env: dict[str, str] | None = None,
+    detach: bool = False,
+) -> subprocess.Popen:
+    """Start `python -m wan_local worker --store <store_path>` as a separate process and return it.
+
+    Output goes to `log_path` (default <store folder>/worker.log, appended). `env` is the child's whole
+    environment (default: this process's). `entry` is what follows the interpreter (`-m wan_local.jobs.worker`
+    works without the CLI). `detach` puts the worker in its own
+    session / process group so it keeps running when the UI's console is closed or interrupted.
+    """
+    store_path = Path(store_path)
+    cmd = [sys.executable, *entry, "--store", str(store_path), *(["--once"] if once else []), *extra_args]
+    log_path = Path(log_path) if log_path is not None else store_path.parent / "worker.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict = {}
+    if detach:
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        else:
+            kwargs["start_new_session"] = True
+    with log_path.open("ab") as out:  # the child keeps its own handle
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**(env if env is not None else os.environ), "PYTHONUNBUFFERED": "1"},
+            **kwargs,
+        )
+
+
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of `wan-local worker` (shared by the CLI and `python -m wan_local.jobs.worker`)."""
+    parser.add_argument("--store", type=Path, help="job database (default: $WAN_LOCAL_HOME or the user data folder)")
+    parser.add_argument("--once", action="store_true", help="exit when the queue is empty instead of waiting")
+    parser.add_argument("--poll-s", type=float, default=1.0, help="seconds between looks at an empty queue")
+    parser.add_argument("--heartbeat-s", type=float, default=2.0, help="heartbeat period while a job runs")
+    parser.add_argument(
+        "--stale-after-s", type=float, default=120.0, help="a running job without heartbeat this long is re-queued"
+    )
+    parser.add_argument("--no-oom-retry", action="store_true", help="never re-queue a job after out of memory")
+    parser.add_argument("--preview-every", type=int, default=1, help="write a latent preview every N steps")
+    parser.set_defaults(func=worker_command)
+
+
+def worker_command(args: argparse.Namespace, lower_preset: LowerPreset | None = None) -> int:
+    """Run the worker for parsed `args`; SIGTERM / first Ctrl-C stop it gracefully (the job is re-queued)."""
+    from wan_local.jobs.runner import PipelineRunner
+
+    store = JobStore(args.store)
+    runner = PipelineRunner(store.outputs_dir, store.previews_dir, preview_every=args.preview_every)
+    stop = threading.Event()
+
+    def handle(signum: int, _frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.warning("signal %d: stopping after handing the current job back", signum)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+    config = WorkerConfig(
+        heartbeat_s=args.heartbeat_s,
+        stale_after_s=args.stale_after_s,
+        lower_preset=lower_preset,
+        retry_oom=not args.no_oom_retry,
+    )
+    run_worker(store, runner, stop, once=args.once, poll_s=args.poll_s, config=config)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m wan_local.jobs.worker [--once] [--store PATH]`: the worker without the full CLI."""
+    parser = argparse.ArgumentParser(prog="wan-local worker", description="Run queued wan-local jobs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    add_worker_options(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except WanLocalError as exc:
+        log.error("%s", exc)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
+from wan_local import paths
 from wan_local.errors import InputError
 from wan_local.machine import GIB, MachineInfo
 from wan_local.memory.options import (
@@ -154,7 +153,7 @@ class Admission:
 
 def user_presets_dir() -> Path:
     """The per-user preset folder; a file there replaces the shipped preset of the same name."""
-    return Path(platformdirs.user_config_dir("wan-local")) / "presets"
+    return paths.config_dir() / "presets"
 
 
 def load_presets(folder: Path | str | None = None, user_folder: Path | str | None = None) -> dict[str, Preset]:

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from wan_local import paths
 from wan_local.errors import InputError, WanLocalError
 from wan_local.jobs.records import Job, JobProgress, JobSettings
 
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINAL_STATES = ("done", "failed", "cancelled")
 DB_NAME = "jobs.sqlite3"
-HOME_ENV = "WAN_LOCAL_HOME"
+HOME_ENV = paths.HOME_ENV
 SCHEMA_VERSION = 1
 
 # MIGRATIONS[v] brings a database from schema version v to v + 1; never edit a released entry, append one.
@@ -105,11 +106,7 @@ class WorkerAlreadyRunning(StoreError):
 
 def default_home() -> Path:
     """The folder of the store: $WAN_LOCAL_HOME if set, else the per-user data folder of wan-local."""
-    if env := os.environ.get(HOME_ENV):
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("wan-local", appauthor=False))
+    return paths.data_dir()
 
 
 def default_store_path() -> Path:

@@ -1,0 +1,705 @@
+"""The installers: GPU detection from recorded nvidia-smi output, the PyTorch and kernel choices made from it, the
+marker that turns later runs into plain launches, the Windows .bat files' steps, and one real run of run.sh in a
+scratch copy of the project (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+INSTALLERS = REPO_ROOT / "installers"
+DATA = REPO_ROOT / "tests" / "data" / "nvidia-smi"
+POSIX_ONLY = pytest.mark.skipif(os.name == "nt" or shutil.which("bash") is None, reason="needs bash (Linux/macOS)")
+
+
+def _load_setup_env():
+    spec = importlib.util.spec_from_file_location("setup_env", INSTALLERS / "setup_env.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["setup_env"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+se = _load_setup_env()
+
+
+def _read(name: str) -> str:
+    return (DATA / name).read_text(encoding="utf-8")
+
+
+def _recorded(case: str, status: int = 0):
+    """A fake nvidia-smi runner answering from the recordings of `case` (as detect_gpus calls it)."""
+
+    def run(args):
+        if len(args) == 1:
+            return status, _read(f"{case}.txt")
+        if "compute_cap" in args[1]:
+            if (DATA / f"{case}.query.csv").exists():
+                return 0, _read(f"{case}.query.csv")
+            return 2, _read(f"{case}.query-compute_cap.txt")  # drivers before R510
+        return 0, _read(f"{case}.query3.csv")
+
+    return run
+
+
+def _gpus(case: str) -> list:
+    platform = "windows" if case.endswith("windows") else "linux"
+    gpus, _ = se.detect_gpus({se.ENV_NVIDIA_SMI: "nvidia-smi"}, platform, run=_recorded(case))
+    return gpus
+
+
+# ------------------------------------------------------------------------------------------- detection
+
+RTX4090 = ("NVIDIA GeForce RTX 4090", 24564)
+RTX3060 = ("NVIDIA GeForce RTX 3060", 12288)
+
+
+@pytest.mark.parametrize(
+    ("case", "driver", "cuda", "gpus", "capabilities"),
+    [
+        ("rtx4090-560-linux", "560.35.03", (12, 6), [RTX4090], [(8, 9)]),
+        ("rtx4090-560-windows", "560.94", (12, 6), [RTX4090], [(8, 9)]),
+        ("gtx1060-470-linux", "470.256.02", (11, 4), [("NVIDIA GeForce GTX 1060 6GB", 6078)], [None]),
+        ("rtx4090-rtx3060-570-linux", "570.133.07", (12, 8), [RTX4090, RTX3060], [(8, 9), (8, 6)]),
+        ("rtx5090-581-windows", "581.57", (13, 0), [("NVIDIA GeForce RTX 5090", 32607)], [(12, 0)]),
+        ("gtx1080ti-580-linux", "580.95.05", (13, 0), [("NVIDIA GeForce GTX 1080 Ti", 11264)], [(6, 1)]),
+        ("rtx3090-535-linux", "535.183.01", (12, 2), [("NVIDIA GeForce RTX 3090", 24576)], [(8, 6)]),
+    ],
+)
+def test_detect_gpus_from_recorded_output(case, driver, cuda, gpus, capabilities):
+    found = _gpus(case)
+    assert [(g.name, g.memory_total_mib) for g in found] == gpus
+    assert {g.driver_version for g in found} == {driver}
+    assert {g.cuda_version for g in found} == {cuda}  # from the table's header, not a toolkit
+    assert [g.compute_capability for g in found] == capabilities
+
+
+@pytest.mark.parametrize(
+    ("case", "names", "memory"),
+    [
+        ("rtx4090-560-linux", ["NVIDIA GeForce RTX 4090"], [24564]),
+        ("rtx4090-560-windows", ["NVIDIA GeForce RTX 4090"], [24564]),  # its process rows end in "N/A |" too
+        ("gtx1060-470-linux", ["NVIDIA GeForce ..."], [6078]),  # the old table cuts long names
+        ("rtx4090-rtx3060-570-linux", ["NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 3060"], [24564, 12288]),
+    ],
+)
+def test_parse_the_plain_table_alone(case, names, memory):
+    for text in (_read(f"{case}.txt"), _read(f"{case}.txt").replace("\n", "\r\n")):  # Windows line ends too
+        gpus = se.parse_nvidia_smi(text)
+        assert [g.name for g in gpus] == names
+        assert [g.memory_total_mib for g in gpus] == memory
+        assert all(g.compute_capability is None for g in gpus)
+
+
+def test_parse_the_query_alone_derives_cuda_from_nvidias_driver_table():
+    (gpu,) = se.parse_nvidia_smi(_read("rtx4090-560-linux.query3.csv"))
+    assert (gpu.name, gpu.driver_version, gpu.cuda_version) == ("NVIDIA GeForce RTX 4090", "560.35.03", (12, 6))
+    assert se.cuda_for_driver("570.133.07") == (12, 8)
+    assert se.cuda_for_driver("580.95.05") == (13, 0)
+    assert se.cuda_for_driver("470.256.02") == (11, 4)
+    assert se.cuda_for_driver("560.94", "windows") == (12, 6)
+    assert se.cuda_for_driver("560.70", "windows") == (12, 5)  # below 12.6's Windows driver 560.76
+    assert se.cuda_for_driver("390.12") is None
+
+
+@pytest.mark.parametrize("name", ["failed.txt", "no-devices.txt", "missing-linux.txt", "missing-windows.txt", ""])
+def test_no_gpu_outputs_parse_to_nothing(name):
+    assert se.parse_nvidia_smi(_read(name) if name else "") == []
+    assert se.parse_nvidia_smi(_read(name) if name else "", query="") == []
+
+
+def test_detection_failures_are_explained():
+    env = {se.ENV_NVIDIA_SMI: "nvidia-smi"}
+    gpus, note = se.detect_gpus(env, "linux", run=lambda args: (9, _read("failed.txt")))
+    assert gpus == [] and "couldn't communicate with the NVIDIA driver" in note
+
+    gpus, note = se.detect_gpus(env, "linux", run=lambda args: (6, _read("no-devices.txt")))
+    assert gpus == [] and "No devices were found" in note
+
+    def missing(args):
+        raise FileNotFoundError(args[0])
+
+    gpus, note = se.detect_gpus(env, "windows", run=missing)
+    assert gpus == [] and "not found" in note
+
+
+def test_nvidia_smi_is_looked_up_in_the_drivers_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(se.shutil, "which", lambda name: None)
+    assert se.nvidia_smi_path({se.ENV_NVIDIA_SMI: "/opt/x/nvidia-smi"}, "linux") == "/opt/x/nvidia-smi"
+    system32 = tmp_path / "System32"
+    system32.mkdir()
+    (system32 / "nvidia-smi.exe").write_bytes(b"")
+    assert se.nvidia_smi_path({"SystemRoot": str(tmp_path)}, "windows") == str(system32 / "nvidia-smi.exe")
+    assert se.nvidia_smi_path({"SystemRoot": str(tmp_path / "none"), "ProgramFiles": str(tmp_path)}, "windows") is None
+
+
+# ---------------------------------------------------------------------------------------- torch choice
+
+REQ = "torch>=2.4,<2.15"
+
+
+@pytest.mark.parametrize(
+    ("case", "tag"),
+    [
+        ("rtx4090-560-linux", "cu126"),  # driver CUDA 12.6 -> the 12.6 build
+        ("rtx4090-560-windows", "cu126"),
+        ("rtx4090-rtx3060-570-linux", "cu128"),
+        ("rtx5090-581-windows", "cu130"),  # Blackwell on a CUDA 13 driver
+        ("gtx1080ti-580-linux", "cu126"),  # Pascal: CUDA 12.8+/13 builds have no sm_61 kernels
+        ("rtx3090-535-linux", "cu121"),  # CUDA 12.2 driver: newest build it runs
+    ],
+)
+def test_choose_torch_matches_the_driver(case, tag):
+    platform = "windows" if case.endswith("windows") else "linux"
+    choice = se.choose_torch(_gpus(case), platform, requirement=REQ)
+    assert choice.error is None
+    assert choice.tag == tag
+    assert choice.index_url == f"https://download.pytorch.org/whl/{tag}"
+    assert choice.requirement == REQ
+    assert tag in choice.reason and choice.reason.isascii()
+
+
+def test_choice_explanations():
+    two = se.choose_torch(_gpus("rtx4090-rtx3060-570-linux"), "linux")
+    assert "RTX 4090" in two.reason and "most memory" in two.reason and two.warning is None
+    pascal = se.choose_torch(_gpus("gtx1080ti-580-linux"), "linux")
+    assert "compute capability 6.1" in pascal.reason
+    old_build = se.choose_torch(_gpus("rtx3090-535-linux"), "linux")
+    assert "after torch 2.5" in old_build.warning and "560.28.03" in old_build.warning  # the driver for cu126
+    assert se.choose_torch(_gpus("rtx4090-560-linux"), "linux").warning is None
+
+
+@pytest.mark.parametrize(("platform", "minimum"), [("linux", "520.61.05"), ("windows", "520.06")])
+def test_driver_too_old_stops_with_the_minimum_driver(platform, minimum):
+    choice = se.choose_torch(_gpus("gtx1060-470-linux"), platform, requirement=REQ)
+    assert choice.tag == "none" and choice.index_url is None
+    assert "470.256.02" in choice.error and "CUDA 11.4" in choice.error
+    assert f"minimum driver is {minimum}" in choice.error
+    assert "https://www.nvidia.com/drivers" in choice.error and "--cpu" in choice.error
+
+
+def test_gpus_no_build_supports_are_errors():
+    blackwell_old_driver = se.GpuInfo("NVIDIA GeForce RTX 5080", "560.35.03", (12, 6), 16303, (12, 0))
+    choice = se.choose_torch([blackwell_old_driver], "linux")
+    assert choice.error and "CUDA 12.8" in choice.error and "570.26" in choice.error
+    kepler = se.GpuInfo("NVIDIA GeForce GTX 780", "560.35.03", (12, 6), 3072, (3, 5))
+    assert "older than any GPU" in se.choose_torch([kepler], "linux").error
+
+
+def test_other_gpus_the_build_cannot_use_are_named():
+    big = se.GpuInfo("NVIDIA GeForce RTX 5090", "581.57", (13, 0), 32607, (12, 0))
+    small = se.GpuInfo("NVIDIA GeForce GTX 1060 6GB", "581.57", (13, 0), 6144, (6, 1))
+    choice = se.choose_torch([small, big], "windows")
+    assert choice.tag == "cu130" and "cannot use NVIDIA GeForce GTX 1060 6GB" in choice.warning
+
+
+def test_cpu_builds():
+    none = se.choose_torch([], "linux", requirement=REQ, detection="nvidia-smi not found")
+    assert (none.tag, none.index_url, none.error) == ("cpu", "https://download.pytorch.org/whl/cpu", None)
+    assert "No NVIDIA GPU was found (nvidia-smi not found)" in none.warning and "takes hours" in none.warning
+    forced = se.choose_torch(_gpus("rtx4090-560-windows"), "windows", force_cpu=True)
+    assert forced.tag == "cpu" and "--cpu" in forced.reason and forced.warning
+    mac = se.choose_torch([], "macos")
+    assert mac.tag == "cpu" and mac.index_url is None  # PyPI's macOS build
+
+
+def test_environment_overrides_for_tests():
+    choice = se.choose_torch([], "linux", requirement=REQ)
+    env = {se.ENV_TORCH_SPEC: "torch==2.13.0", se.ENV_TORCH_INDEX: "default"}
+    local = se.apply_overrides(choice, env)
+    assert (local.tag, local.requirement, local.index_url) == ("cpu", "torch==2.13.0", None)
+    mirror = se.apply_overrides(choice, {se.ENV_TORCH_INDEX: "https://mirror.example/whl/cpu"})
+    assert mirror.index_url == "https://mirror.example/whl/cpu" and mirror.requirement == REQ
+    assert se.apply_overrides(choice, {}) == choice
+
+
+def test_torch_requirement_comes_from_pyproject(tmp_path):
+    req = se.torch_requirement(REPO_ROOT / "pyproject.toml")
+    assert req.startswith("torch") and se.requirement_allows(req, "2.13.0")  # the tested lower bound fits
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\ndependencies = ["torchvision>=0.1", "torch >= 2.5, < 3"]\n')
+    assert se.torch_requirement(pyproject) == "torch>=2.5,<3"
+
+
+@pytest.mark.parametrize(
+    ("requirement", "version", "allowed"),
+    [
+        ("torch>=2.4,<2.15", "2.13.0+cu126", True),
+        ("torch>=2.4,<2.15", "2.15.0", False),
+        ("torch>=2.4,<2.15", "2.3.1", False),
+        ("torch==2.13.0", "2.13.0+cpu", True),
+        ("torch==2.13.0", "2.13.1", False),
+        ("torch==2.13.*", "2.13.1", True),
+        ("torch!=2.9.*", "2.9.1", False),
+        ("torch~=2.10", "2.14.1", True),
+        ("torch~=2.10.0", "2.11.0", False),
+        ("torch", "1.0", True),
+    ],
+)
+def test_requirement_allows(requirement, version, allowed):
+    assert se.requirement_allows(requirement, version) is allowed
+
+
+def test_torch_action():
+    cu126 = se.choose_torch(_gpus("rtx4090-560-linux"), "linux", requirement=REQ)
+    assert se.torch_action(cu126, None)[0] == "install"
+    assert se.torch_action(cu126, se.InstalledTorch("2.13.0+cpu", None))[0] == "reinstall"  # e.g. after test.sh
+    assert se.torch_action(cu126, se.InstalledTorch("2.13.0+cu126", "12.6"))[0] == "keep"
+    assert se.torch_action(cu126, se.InstalledTorch("2.16.0+cu126", "12.6"))[0] == "reinstall"
+    pip_default = se.apply_overrides(cu126, {se.ENV_TORCH_INDEX: "default"})
+    assert se.torch_action(pip_default, se.InstalledTorch("2.13.0", "13.0"))[0] == "keep"  # no index: no tag check
+
+
+@pytest.mark.parametrize(
+    ("arch_list", "cc", "ok"),
+    [
+        (["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"], (8, 9), True),  # sm_86 code runs on 8.9
+        (["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"], (6, 1), False),  # Pascal and a CUDA 13 build
+        (["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"], (12, 0), False),  # Blackwell, cu126
+        (["sm_80", "compute_90"], (12, 0), True),  # PTX is compiled for newer GPUs
+        (["sm_90a", "sm_100a"], (10, 0), True),
+    ],
+)
+def test_has_kernels_for(arch_list, cc, ok):
+    assert se.has_kernels_for(arch_list, cc) is ok
+
+
+def test_installed_torch_is_read_without_importing_it():
+    have = se.installed_torch()
+    import torch
+
+    assert have.version == torch.__version__
+    assert have.cuda == torch.version.cuda
+    assert have.tag == ("cpu" if torch.version.cuda is None else "cu" + torch.version.cuda.replace(".", "")[:3])
+
+
+# --------------------------------------------------------------------------------------------- kernels
+
+
+def _kernels(platform, torch_version, cuda="12.6", python=(3, 12), case="rtx4090-560-linux"):
+    torch = se.InstalledTorch(torch_version, cuda)
+    return {k.name: k for k in se.choose_kernels(platform, python, torch, _gpus(case))}
+
+
+def test_kernels_on_windows_use_the_triton_windows_release_of_this_torch():
+    ks = _kernels("windows", "2.13.0+cu126")
+    assert ks["triton-windows"].spec == "triton-windows>=3.7,<3.8"
+    assert ks["flash-attn"].spec == "flash-attn"
+    assert ks["sageattention"].spec == "sageattention" and ks["sageattention"].needs_triton
+    assert _kernels("windows", "2.10.0+cu128")["triton-windows"].spec == "triton-windows>=3.6,<3.7"
+    unknown = _kernels("windows", "2.16.0+cu130")["triton-windows"]
+    assert unknown.spec is None and "2.16.0" in unknown.reason
+
+
+def test_kernels_on_linux_take_triton_from_torch():
+    ks = _kernels("linux", "2.13.0+cu126")
+    assert ks["triton"].spec is None and "comes with PyTorch" in ks["triton"].reason
+    assert "triton-windows" not in ks
+    assert ks["flash-attn"].spec == "flash-attn" and ks["sageattention"].spec == "sageattention"
+
+
+@pytest.mark.parametrize(
+    ("platform", "torch_version", "cuda", "python", "case", "why"),
+    [
+        ("linux", "2.13.0+cpu", None, (3, 12), "rtx4090-560-linux", "needs a CUDA build"),
+        ("windows", "2.13.0+cu126", "12.6", (3, 15), "rtx4090-560-linux", "no wheels for Python 3.15"),
+        ("macos", "2.13.0", None, (3, 12), "rtx4090-560-linux", "no builds for macos"),
+        ("windows", "2.13.0+cu126", "12.6", (3, 12), "gtx1080ti-580-linux", "compute capability 8.0+"),
+    ],
+)
+def test_kernels_are_skipped_with_a_reason(platform, torch_version, cuda, python, case, why):
+    ks = _kernels(platform, torch_version, cuda, python, case)
+    skipped = [k for k in ks.values() if k.name in ("flash-attn", "sageattention")]
+    assert skipped and all(k.spec is None and why in k.reason for k in skipped)
+
+
+def test_triton_table_covers_every_torch_pyproject_allows():
+    req = se.torch_requirement(REPO_ROOT / "pyproject.toml")
+    allowed = [(2, minor) for minor in range(0, 40) if se.requirement_allows(req, f"2.{minor}.0")]
+    assert allowed and all(v in se.TRITON_FOR_TORCH for v in allowed), "add the new torch to TRITON_FOR_TORCH"
+
+
+def test_install_kernels_never_fails_and_removes_wheels_that_do_not_import():
+    choices = [
+        se.KernelChoice("triton", "triton", None, "comes with PyTorch's Linux CUDA build"),
+        se.KernelChoice("flash-attn", "flash_attn", "flash-attn", "FlashAttention-2"),
+        se.KernelChoice("sageattention", "sageattention", "sageattention", "SageAttention 1", needs_triton=True),
+        se.KernelChoice("triton-windows", "triton", None, "no builds for linux"),
+    ]
+    calls, logged = [], []
+
+    def pip(python, *args):
+        calls.append(args)
+        return (1, "ERROR: No matching distribution found") if "flash-attn" in args else (0, "ok")
+
+    def imports(python, module):
+        return (module == "triton", "" if module == "triton" else "ImportError: undefined symbol")
+
+    lines = se.install_kernels(
+        choices,
+        "python",
+        "linux / Python 3.12 / torch 2.13.0+cu126",
+        logged.append,
+        pip=pip,
+        imports=imports,
+        installed_version=lambda name: None,
+    )
+    assert lines[0] == "triton: ready - comes with PyTorch's Linux CUDA build"
+    assert lines[1] == "flash-attn: skipped - no prebuilt wheel for linux / Python 3.12 / torch 2.13.0+cu126"
+    assert lines[2].startswith("sageattention: skipped - the prebuilt wheel does not import here")
+    assert lines[3] == "triton-windows: skipped - no builds for linux"
+    assert ("install", "--only-binary=:all:", "--no-deps", "flash-attn") in calls  # pip never compiles
+    assert ("uninstall", "-y", "sageattention") in calls
+    assert any("No matching distribution" in text for text in logged)
+
+    no_triton = se.install_kernels(
+        choices[2:3],
+        "python",
+        "",
+        logged.append,
+        pip=pip,
+        imports=lambda python, module: (False, ""),
+        installed_version=lambda name: None,
+    )
+    assert no_triton == ["sageattention: skipped - needs Triton, which is not available"]
+
+
+# ------------------------------------------------------------------------------------- plan and marker
+
+
+def _plan(case=None, *, force_cpu=False, have=("2.13.0+cu126", "12.6"), sha="abc", env=None):
+    gpus = _gpus(case) if case else []
+    return se.build_plan(
+        gpus,
+        "nvidia-smi reported no GPU" if not gpus else "found",
+        "linux",
+        force_cpu=force_cpu,
+        requirement=REQ,
+        env=env or {},
+        have=se.InstalledTorch(*have) if have else None,
+        pyproject_sha256=sha,
+        python=(3, 12, 4),
+    )
+
+
+def _completed(plan):
+    return json.loads(json.dumps({**plan, "completed": True}))  # as stored: tuples become lists
+
+
+def test_marker_says_when_the_set_up_must_run_again():
+    have = se.InstalledTorch("2.13.0+cu126", "12.6")
+    plan = _plan("rtx4090-560-linux")
+    assert se.marker_problems(_completed(plan), plan, have) == ([], [])
+    assert "no completed set-up" in se.marker_problems(None, plan, have)[0][0]
+    assert "no completed set-up" in se.marker_problems({**plan, "completed": False}, plan, have)[0][0]
+    assert "no completed set-up" in se.marker_problems({"completed": True}, plan, have)[0][0]
+
+    new_driver = _plan("rtx4090-rtx3060-570-linux")
+    reasons, _ = se.marker_problems(_completed(plan), new_driver, have)
+    assert "the PyTorch build needed changed: cu126 -> cu128" in reasons
+    assert "the NVIDIA driver changed: 560.35.03 -> 570.133.07" in reasons
+
+    reasons, _ = se.marker_problems(_completed(plan), _plan("rtx4090-560-linux", sha="new"), have)
+    assert reasons == ["pyproject.toml changed (a new version of wan-local?)"]
+    reasons, _ = se.marker_problems(_completed(plan), plan, None)
+    assert reasons == ["PyTorch in .venv changed: 2.13.0+cu126 -> none"]
+    cpu = _plan("rtx4090-560-linux", force_cpu=True)
+    assert "the PyTorch build needed changed: cu126 -> cpu" in se.marker_problems(_completed(plan), cpu, have)[0]
+
+
+def test_a_gpu_that_vanishes_keeps_the_cuda_install():
+    have = se.InstalledTorch("2.13.0+cu126", "12.6")
+    reasons, warnings = se.marker_problems(_completed(_plan("rtx4090-560-linux")), _plan(None), have)
+    assert reasons == [] and "keeping it" in warnings[0] and "--repair" in warnings[0]
+
+
+def test_plan_is_described_in_plain_ascii_and_passed_to_the_shells():
+    plan = _plan("rtx4090-560-windows", have=("2.13.0+cpu", None))
+    text = "\n".join(se.describe_plan(plan))
+    assert text.isascii()
+    assert "NVIDIA 560.94, supports CUDA up to 12.6" in text
+    assert "cu126 build, from https://download.pytorch.org/whl/cu126" in text
+    assert "now: reinstall" in text
+    assert se.plan_env_lines(plan) == [
+        "TORCH_TAG=cu126",
+        "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126",
+        f"TORCH_REQUIREMENT={REQ}",
+        "TORCH_ACTION=reinstall",
+    ]
+    blocked = _plan("gtx1060-470-linux")
+    assert "ERROR:    The NVIDIA driver 470.256.02" in "\n".join(se.describe_plan(blocked))
+    with pytest.raises(se.SetupError, match="cannot pass on safely"):
+        se.plan_env_lines(_plan(None, env={se.ENV_TORCH_SPEC: 'torch"==1'}))
+
+
+def _fake_nvidia_smi(folder: Path, case: str | None) -> Path:
+    """An nvidia-smi stand-in that replays the recordings of `case` ("NVIDIA-SMI has failed" when None)."""
+    script = folder / "nvidia-smi"
+    if case is None:
+        body = f'cat "{DATA / "failed.txt"}"\nexit 9\n'
+    else:
+        query4 = DATA / f"{case}.query.csv"
+        cc = f'cat "{query4}"' if query4.exists() else f'cat "{DATA / (case + ".query-compute_cap.txt")}"; exit 2'
+        body = (
+            f'case "$1" in\n  *compute_cap*) {cc} ;;\n  --query-gpu=*) cat "{DATA / (case + ".query3.csv")}" ;;\n'
+            f'  *) cat "{DATA / (case + ".txt")}" ;;\nesac\n'
+        )
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script
+
+
+@POSIX_ONLY
+def test_start_mark_check_cycle(tmp_path, capsys):
+    venv = tmp_path / "venv"
+    env = {se.ENV_NVIDIA_SMI: str(_fake_nvidia_smi(tmp_path, None)), "PATH": os.environ.get("PATH", "")}
+    common = ["--project", str(REPO_ROOT), "--venv", str(venv)]
+    assert se.main([*common, "check"], env) == 1  # nothing recorded yet
+    assert se.main([*common, "start", "--env-file", str(tmp_path / "plan.env")], env) == 0
+    out = capsys.readouterr().out
+    assert "No NVIDIA GPU was found" in out and "couldn't communicate" in out
+    lines = (tmp_path / "plan.env").read_text().splitlines()
+    assert "TORCH_TAG=cpu" in lines and "TORCH_ACTION=keep" in lines  # this venv's torch 2.13.0+cpu fits
+    assert se.main([*common, "check"], env) == 1  # started, not completed
+    assert se.main([*common, "mark"], env) == 0
+    assert se.main([*common, "check"], env) == 0
+    assert "Set-up is complete" in capsys.readouterr().out
+
+    env[se.ENV_NVIDIA_SMI] = str(_fake_nvidia_smi(tmp_path, "rtx4090-560-linux"))  # a driver got installed
+    assert se.main([*common, "check"], env) == 1
+    assert "cpu -> cu126" in capsys.readouterr().out
+    assert se.main([*common, "start"], env) == 0  # and a new set-up forgets the old marker first
+    assert not (venv / se.MARKER_NAME).exists()
+
+    env[se.ENV_NVIDIA_SMI] = str(_fake_nvidia_smi(tmp_path, "gtx1060-470-linux"))
+    assert se.main([*common, "start"], env) == se.EXIT_BLOCKED
+    assert "minimum driver is 520.61.05" in capsys.readouterr().out
+    log = (venv / se.LOG_NAME).read_text()
+    assert "set-up started" in log and "set-up completed" in log and "set-up needed" in log
+
+
+def test_plan_json_cli(capsys):
+    env = {se.ENV_NVIDIA_SMI: str(DATA / "does-not-exist"), "PATH": ""}
+    assert se.main(["plan", "--json"], env) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["torch"]["tag"] == "cpu" and plan["gpus"] == []
+    assert [k["name"] for k in plan["kernels"]][-1] == "sageattention"
+
+
+# -------------------------------------------------------------------------------------- Python and venv
+
+
+def test_python_problems():
+    assert se.python_problems((3, 12, 4), 64, "/usr/bin/python3", "linux") == ([], [])
+    errors, _ = se.python_problems((3, 9, 18), 64, "python", "linux")
+    assert "too old" in errors[0] and "3.10 to 3.14" in errors[0]
+    errors, _ = se.python_problems((3, 15, 0), 64, "python", "windows")
+    assert "newer than PyTorch's builds support" in errors[0] and "WAN_LOCAL_PYTHON" in errors[0]
+    errors, _ = se.python_problems((3, 12, 4), 32, "python", "windows")
+    assert "32-bit" in errors[0]
+    store = r"C:\Users\a\AppData\Local\Microsoft\WindowsApps\python.exe"
+    assert "Microsoft Store" in se.python_problems((3, 12, 4), 64, store, "windows")[1][0]
+
+
+def test_long_windows_paths_are_flagged():
+    short = Path(r"C:\wan-local")
+    deep = Path("C:\\Users\\someone\\Downloads\\wan-local-main (1)\\wan-local-main\\projects\\video")
+    assert se.path_length_warning(short, long_paths=False) is None
+    assert "260-character" in se.path_length_warning(deep, long_paths=False)
+    assert se.path_length_warning(deep, long_paths=True) is None
+
+
+@pytest.mark.slow
+def test_ensure_venv_repairs_a_broken_venv(tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("not a python")  # e.g. what a half-finished creation left
+    platform = se.current_platform()
+    assert se.ensure_venv(venv, platform).startswith("created")
+    python = se.venv_python(venv, platform)
+    assert subprocess.run([str(python), "-m", "pip", "--version"], capture_output=True, check=False).returncode == 0
+    assert se.ensure_venv(venv, platform).startswith("using")
+
+    # An interrupted pip upgrade leaves a venv without pip: pip comes back, the installed packages stay.
+    subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "pip"], capture_output=True, check=True)
+    keep = venv / "kept.txt"
+    keep.write_text("torch would be here")
+    assert se.ensure_venv(venv, platform).startswith("restored pip")
+    assert keep.exists()
+
+
+# ------------------------------------------------------------------------------------- the shell scripts
+
+
+def _bat(name: str) -> str:
+    raw = (INSTALLERS / name).read_bytes()
+    assert raw.isascii(), f"{name} must be ASCII (cmd reads it in the console's code page)"
+    assert b"\n" not in raw.replace(b"\r\n", b""), f"{name} must use CRLF line endings everywhere"
+    return raw.decode("ascii")
+
+
+@pytest.mark.parametrize("name", ["run.bat", "test.bat", "update.bat"])
+def test_bat_files_are_windows_batch(name):
+    text = _bat(name)
+    assert text.startswith("@echo off\r\n")
+    code = [line for line in text.splitlines() if not re.match(r"\s*(rem\b|::|$)", line, re.I)]
+    unix = ["#!", "$(", "${", "export ", "/dev/null", ".venv/bin", "fi", "then", "esac", "source ", "exec ", "rm -"]
+    for line in code:
+        if re.match(r"\s*echo[ .]", line, re.I):
+            continue
+        words = re.split(r"\s+", line.strip())
+        assert not any(tok in words or (len(tok) > 2 and tok in line) for tok in unix), f"{name}: {line!r}"
+        # "a && b || c" runs both b and c in some cmd implementations (seen under wine): use if errorlevel.
+        assert not ("&&" in line and "||" in line), f"{name}: && ... || chain: {line!r}"
+    labels = re.findall(r"^:(\w+)", text, re.M)
+    assert len(labels) == len(set(labels)), f"{name}: a label is defined twice"
+    for target in re.findall(r"(?:goto|call)\s+:(\w+)", text, re.I):
+        assert target in labels, f"{name}: goto/call :{target} has no label"
+    depth = 0
+    for line in code:
+        bare = re.sub(r'"[^"]*"', '""', re.sub(r"\^.", "", line))  # quoted text and ^-escapes cannot close blocks
+        if re.match(r"\s*echo[ .]", bare, re.I) and not depth:
+            continue
+        for i, ch in enumerate(bare):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            assert depth >= 0, f"{name}: unbalanced ')' in {line!r}"
+            # A path such as C:\Program Files (x86)\... expanded unquoted inside a block would end the block.
+            if depth and re.match(r"%(ROOT|VENV|VPY|SETUP|PLAN_ENV|CD|APP_ARGS|PY)%", bare[i:]):
+                pytest.fail(f"{name}: a path is expanded inside a parenthesized block: {line!r}")
+    assert depth == 0, f"{name}: unbalanced '('"
+
+
+def test_run_bat_has_the_same_steps_as_run_sh():
+    bat, sh = _bat("run.bat"), (INSTALLERS / "run.sh").read_text()
+    assert "py -3" in bat and 'set "PY=python"' in bat  # the py launcher first, then python on PATH
+    for step in ("ensure-venv", "check", "start", "verify", "kernels", "mark"):
+        assert re.search(rf'"%SETUP%" {step}\b', bat), f"run.bat does not call setup_env.py {step}"
+        assert re.search(rf'"\$SETUP" {step}\b', sh), f"run.sh does not call setup_env.py {step}"
+    assert '-m pip install %INDEX_ARGS% "%WAN_TORCH_REQUIREMENT%"' in bat
+    assert 'set "INDEX_ARGS=--index-url %WAN_TORCH_INDEX_URL%"' in bat
+    assert "-m pip uninstall -y torch" in bat and "-m pip uninstall -y torch" in sh
+    assert "-m pip install -e ." in bat and "-m pip install -e ." in sh
+    assert '"%VPY%" "%ROOT%\\app.py" %APP_ARGS%' in bat
+    assert 'exec "$VPY" "$ROOT/app.py"' in sh
+    for flag in ("--cpu", "--repair", "--no-launch"):
+        assert f'"{flag}"' in bat and f"{flag})" in sh
+    for key in ("TORCH_TAG", "TORCH_INDEX_URL", "TORCH_REQUIREMENT", "TORCH_ACTION"):
+        assert f"{key})" in sh and f"WAN_{key}" in bat
+
+
+def test_test_and_update_scripts():
+    test_bat, test_sh = _bat("test.bat"), (INSTALLERS / "test.sh").read_text()
+    for text in (test_bat, test_sh):
+        assert "setup_env.py ensure-venv" in text and "torch==2.13.0" in text and '-e ".[test]"' in text
+    assert "-m pytest %*" in test_bat and '-m pytest "$@"' in test_sh
+    update_bat, update_sh = _bat("update.bat"), (INSTALLERS / "update.sh").read_text()
+    # One line, parsed before the pull runs: the pull may rewrite update.bat, which cmd reads line by line.
+    assert "git pull --ff-only & if errorlevel 1 (goto :pull_failed) else (goto :pulled)" in update_bat
+    assert 'run.bat" --repair --no-launch' in update_bat and 'run.sh" --repair --no-launch' in update_sh
+    assert 'main "$@"; exit $?' in update_sh and 'main "$@"; exit $?' in (INSTALLERS / "run.sh").read_text()
+    for text in (update_bat, update_sh):
+        assert "platformdirs" in text and "git diff --quiet" in text
+
+
+@POSIX_ONLY
+@pytest.mark.parametrize("name", ["run.sh", "test.sh", "update.sh"])
+def test_sh_files_parse_and_are_executable(name):
+    path = INSTALLERS / name
+    assert b"\r" not in path.read_bytes()
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True, check=False).returncode == 0
+    assert os.access(path, os.X_OK), f"chmod +x installers/{name}"
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def _copy_project(dest: Path) -> None:
+    """Copy what a clean checkout of the working tree holds (tracked and new, not ignored) into dest."""
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for rel in filter(None, listing.split("\0")):
+        src = REPO_ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def _run(script: Path, *args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        ["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert proc.returncode == 0, f"{script.name} {' '.join(args)} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.mark.slow
+@POSIX_ONLY
+@pytest.mark.skipif(shutil.which("git") is None or not (REPO_ROOT / ".git").exists(), reason="needs a git checkout")
+def test_run_sh_sets_up_a_fresh_copy_then_only_launches(tmp_path):
+    project = tmp_path / "wan-local"
+    _copy_project(project)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    env.update(
+        {
+            se.ENV_TORCH_SPEC: "torch==2.13.0",  # the local CPU wheel: seconds, not a multi-GB CUDA download
+            se.ENV_TORCH_INDEX: "default",
+            se.ENV_NVIDIA_SMI: str(_fake_nvidia_smi(tmp_path, None)),  # "NVIDIA-SMI has failed": no GPU
+            "WAN_LOCAL_PYTHON": sys.executable,
+            "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        }
+    )
+    run_sh = project / "installers" / "run.sh"
+
+    first = _run(run_sh, "--no-launch", env=env, timeout=600)
+    assert "No NVIDIA GPU was found" in first.stdout and "Set-up complete: PyTorch 2.13.0+cpu" in first.stdout
+    python = project / ".venv" / "bin" / "python"
+    probe = subprocess.run(
+        [str(python), "-c", "import torch, wan_local; print(torch.__version__); print(wan_local.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    ).stdout.split()
+    assert probe[0] == "2.13.0+cpu"
+    assert Path(probe[1]).resolve().is_relative_to(project.resolve())  # the copy's package, editable
+    marker = json.loads((project / ".venv" / se.MARKER_NAME).read_text())
+    assert marker["completed"] and marker["torch"]["tag"] == "cpu"
+    assert marker["torch"]["requirement"] == "torch==2.13.0" and marker["installed_torch"] == "2.13.0+cpu"
+    log = (project / ".venv" / se.LOG_NAME).read_text()
+    assert "set-up started" in log and "CPU build: no NVIDIA GPU found." in log and "set-up completed" in log
+    if (project / "app.py").exists():
+        subprocess.run([str(python), "app.py", "--help"], cwd=project, capture_output=True, check=True, timeout=300)
+
+    # A later run only launches, passing the app's options through (a stand-in app records them).
+    (project / "app.py").write_text(
+        "import json, sys\nopen('launched.json', 'w').write(json.dumps([sys.executable, sys.argv[1:]]))\n"
+    )
+    start = time.monotonic()
+    second = _run(run_sh, "--port", "7861", "--listen", env=env, timeout=120)
+    assert time.monotonic() - start < 60
+    assert "Set-up is complete" in second.stdout and "Installing PyTorch" not in second.stdout
+    executable, argv = json.loads((project / "launched.json").read_text())
+    assert argv == ["--port", "7861", "--listen"]
+    assert Path(executable).parent == python.parent
+
+    # A changed pyproject.toml (e.g. after git pull) repairs the set-up and keeps the fitting torch.
+    with (project / "pyproject.toml").open("a") as fh:
+        fh.write("\n# changed\n")
+    third = _run(run_sh, "--no-launch", env=env, timeout=600)
+    assert "pyproject.toml changed" in third.stdout and "keeping the installed build" in third.stdout
+    assert json.loads((project / ".venv" / se.MARKER_NAME).read_text())["completed"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from wan_local import pipeline
+from wan_local.memory import experts as experts_module
 from wan_local.pipeline import GenerationSettings, WanPipeline
 from wan_local.prompt import PromptTokenizer
 from wan_local.weights.loading import load_dit, load_text_encoder, load_vae
@@ -69,7 +69,7 @@ def pipeline_errors(root: Path, case: str, args: dict) -> dict[str, float]:
         out["context_neg"] = rel_l2(encoder.encode(ids[1:], mask[1:])[0], g["context_neg"])
 
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-    real_load = pipeline.load_dit
+    real_load = experts_module.load_dit
 
     class Recorder:
         def __init__(self, model):
@@ -84,7 +84,7 @@ def pipeline_errors(root: Path, case: str, args: dict) -> dict[str, float]:
             calls.append((x[0].clone(), result[0].clone()))
             return result
 
-    pipeline.load_dit = lambda path, **kw: Recorder(real_load(path, **kw))
+    experts_module.load_dit = lambda path, **kw: Recorder(real_load(path, **kw))
     try:
         if "image" in args:
             side = int(args["max_area"] ** 0.5)
@@ -101,7 +101,7 @@ def pipeline_errors(root: Path, case: str, args: dict) -> dict[str, float]:
         )  # fmt: skip
         result = WanPipeline(folder, args["task"], device="cpu", dtype=torch.float32).generate(settings)
     finally:
-        pipeline.load_dit = real_load
+        experts_module.load_dit = real_load
     n = len(calls) // 2
     out["step_latent_in (max over steps)"] = max(rel_l2(calls[2 * i][0], g["step_latent_in"][i]) for i in range(n))
     out["noise_pred_cond (max)"] = max(rel_l2(calls[2 * i][1], g["noise_pred_cond"][i]) for i in range(n))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Everything the code under test writes to "user" folders (queue, settings, caches) goes to a scratch folder,
+# never to the developer's real ones. Subprocesses inherit it.
+if "WAN_LOCAL_HOME" not in os.environ:
+    os.environ["WAN_LOCAL_HOME"] = tempfile.mkdtemp(prefix="wan-local-tests-")
 
 
 def _find_fixtures() -> Path | None:

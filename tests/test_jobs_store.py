@@ -281,8 +281,8 @@ def test_queue_commands(tiny, tmp_path, capsys):
     db = str(tmp_path / "q.sqlite3")
     gen = ["--task", "t2v-A14B", "--ckpt-dir", str(tiny / "t2v-A14B"), "--size", "64*48", "--frames", "5"]
     assert _cli("queue", "add", *gen, "--prompt", "a fox", "--seed", "3", "--store", db) == 0
-    assert _cli("queue", "add", *gen, "--prompt", "an owl", "--guide-scale", "3,4", "--preset", "balanced",
-                "--memory", "quant=int8", "--memory", "vram_budget_gb=10", "--store", db) == 0  # fmt: skip
+    assert _cli("queue", "add", *gen, "--prompt", "an owl", "--guide-scale", "3,4", "--preset", "gpu24-ram32",
+                "--quant", "int8", "--vram-budget-gb", "10", "--store", db) == 0  # fmt: skip
     assert _cli("queue", "cancel", "2", "--store", db) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "queued job 1 (seed 3)" and lines[1].startswith("queued job 2")
@@ -291,15 +291,15 @@ def test_queue_commands(tiny, tmp_path, capsys):
     jobs = json.loads(capsys.readouterr().out)
     assert [(j["id"], j["state"]) for j in jobs] == [(1, "queued"), (2, "cancelled")]
     assert jobs[0]["settings"]["seed"] == 3 and jobs[0]["resolved_seed"] == 3
-    assert jobs[1]["settings"]["guide_scale"] == [3.0, 4.0] and jobs[1]["settings"]["preset"] == "balanced"
+    assert jobs[1]["settings"]["guide_scale"] == [3.0, 4.0] and jobs[1]["settings"]["preset"] == "gpu24-ram32"
     assert jobs[1]["settings"]["memory"] == {"quant": "int8", "vram_budget_gb": 10.0}
     assert _cli("queue", "retry", "2", "--store", db) == 0
     assert _cli("queue", "move", "2", "up", "--store", db) == 0
     assert _cli("queue", "list", "--store", db) == 0
     out = capsys.readouterr().out
     assert out.index("an owl") < out.index("a fox")
-    with pytest.raises(InputError, match="KEY=VALUE"):
-        _cli("queue", "add", *gen, "--prompt", "x", "--memory", "int8", "--store", db)
+    with pytest.raises(InputError, match="unknown preset 'balanced'"):
+        _cli("queue", "add", *gen, "--prompt", "x", "--preset", "balanced", "--store", db)
     with pytest.raises(InputError, match="multiples of 16"):
         _cli("queue", "add", *gen, "--prompt", "x", "--size", "60*48", "--store", db)
 

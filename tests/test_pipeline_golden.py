@@ -13,7 +13,8 @@ import torch
 from conftest import rel_l2
 from safetensors.torch import load_file
 
-from wan_local import cli, pipeline
+from wan_local import cli
+from wan_local.memory import experts as experts_module
 from wan_local.pipeline import GenerationSettings, WanPipeline
 from wan_local.video import read_frames, read_settings
 
@@ -97,13 +98,13 @@ def test_steps_match_golden(name, tiny, cases, golden, monkeypatch):
     case, gold = cases[name], golden(name)
     calls: list = []
     experts: list[str] = []
-    real_load = pipeline.load_dit
+    real_load = experts_module.load_dit
 
     def load_and_record(path, **kwargs):
         experts.append(Path(path).name)
         return _Recorder(real_load(path, **kwargs), calls)
 
-    monkeypatch.setattr(pipeline, "load_dit", load_and_record)
+    monkeypatch.setattr(experts_module, "load_dit", load_and_record)
     s = _settings(case, tiny)
     pipe = WanPipeline(tiny / FOLDER[s.task], s.task, device="cpu", dtype=torch.float32)
     events = []

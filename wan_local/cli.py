@@ -16,7 +16,14 @@ from pathlib import Path
 
 from wan_local.errors import InputError, WanLocalError
 from wan_local.jobs import commands as jobs_commands
-from wan_local.options import add_generation_options, parse_guide_scale
+from wan_local.memory import estimate
+from wan_local.options import (
+    add_generation_options,
+    add_memory_options,
+    memory_overrides,
+    parse_guide_scale,
+    resolve_memory,
+)
 from wan_local.specs import parse_size
 
 log = logging.getLogger("wan_local")
@@ -34,6 +41,7 @@ def default_output_path(task: str, size: tuple[int, int], prompt: str, folder: P
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate one video", description="Generate one video with Wan2.2.")
     add_generation_options(p)
+    add_memory_options(p)
     p.add_argument("--save-latents", type=Path, help="also write the final latent and decoded video (.safetensors)")
     p.set_defaults(func=_run_generate)
 
@@ -44,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     jobs_commands.register(sub)
+    estimate.register(sub)
     return parser
 
 
@@ -74,14 +83,16 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.output is not None and args.output.suffix.lower() != ".mp4":
         raise InputError(f"--output {args.output} must end in .mp4")
     print(f"seed: {settings.seed}", flush=True)
-    pipeline = WanPipeline(args.ckpt_dir, settings.task, device=device, dtype=dtype)
+    preset, memory = resolve_memory(args.preset, memory_overrides(args), device)
+    log.info("memory preset %s: %s", preset, memory)
+    pipeline = WanPipeline(args.ckpt_dir, settings.task, device=device, dtype=dtype, memory=memory)
 
     def progress(event) -> None:
         log.info("step %d/%d  t=%d  expert=%s", event.index + 1, event.total, event.timestep, event.expert)
 
     result = pipeline.generate(settings, on_step=progress)
     output = args.output or default_output_path(settings.task, settings.size, settings.prompt)
-    metadata = {**result.metadata(), "dtype": dtype_name, "device": device}
+    metadata = {**result.metadata(), "dtype": dtype_name, "device": device, "preset": preset}
     save_video(result.video, output, result.fps, metadata)
     if args.save_latents is not None:
         from safetensors.torch import save_file

@@ -41,3 +41,61 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--output", type=Path, help="output .mp4 (default: outputs/<task>_<size>_<prompt>_<time>.mp4)")
+
+
+def add_memory_options(parser: argparse.ArgumentParser) -> None:
+    """Flags of the low-VRAM engine. Unset flags come from the preset ("auto": picked for this machine)."""
+    from wan_local.memory import options as m
+
+    g = parser.add_argument_group("memory (defaults come from the preset)")
+    g.add_argument("--preset", default="auto", help="memory preset name from presets/, or auto (picked for this PC)")
+    g.add_argument("--quant", choices=m.QUANT_MODES, help="storage of the DiT block weights")
+    g.add_argument("--quant-scope", choices=m.QUANT_SCOPES, help="quantize all block Linears or only the FFNs")
+    g.add_argument("--offload", choices=m.OFFLOAD_MODES, help="stream DiT blocks from RAM: none, blocks, full, auto")
+    g.add_argument("--vram-budget-gb", type=float, help="VRAM the engine may use (default: the free VRAM)")
+    g.add_argument("--vram-reserve-gb", type=float, help="VRAM kept free for other programs")
+    g.add_argument("--pinned-ram-cap-gb", type=float, help="most page-locked RAM to use for streaming")
+    g.add_argument("--keep-idle-expert", choices=m.IDLE_EXPERT_POLICIES, help="A14B: keep the unused expert in RAM")
+    g.add_argument("--vae-tiling", choices=m.VAE_TILING, help="spatial tiling of the VAE")
+    g.add_argument("--attention", choices=m.ATTENTION_BACKENDS, help="attention kernel")
+
+
+_MEMORY_FLAGS = (
+    "quant",
+    "quant_scope",
+    "offload",
+    "vram_budget_gb",
+    "vram_reserve_gb",
+    "pinned_ram_cap_gb",
+    "keep_idle_expert",
+    "vae_tiling",
+    "attention",
+)
+
+
+def memory_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The memory flags the user actually gave (field -> value)."""
+    return {name: getattr(args, name) for name in _MEMORY_FLAGS if getattr(args, name, None) is not None}
+
+
+def resolve_memory(preset_name: str | None, overrides: dict[str, object], device: str):
+    """(preset name, MemoryOptions): the named preset (or the one picked for this machine) with `overrides` on top.
+
+    On the CPU "auto" takes the CPU preset. Raises InputError for an unknown preset or option value.
+    """
+    import dataclasses
+
+    from wan_local.machine import detect_machine
+    from wan_local.presets import load_presets, pick_preset
+
+    presets = load_presets()
+    if preset_name in (None, "", "auto"):
+        machine = detect_machine()
+        if device == "cpu":
+            machine = dataclasses.replace(machine, gpu_name=None, vram_total_bytes=0, vram_free_bytes=0)
+        preset = pick_preset(machine, presets).preset
+    elif preset_name in presets:
+        preset = presets[preset_name]
+    else:
+        raise InputError(f"unknown preset {preset_name!r}; choose auto or one of {', '.join(presets)}")
+    return preset.name, dataclasses.replace(preset.memory, **overrides)

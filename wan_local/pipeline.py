@@ -1,7 +1,8 @@
 """A generation from settings to video, in stages that each free what they no longer need.
 
-    encode prompts (UMT5 on the CPU, then released) -> build conditioning (VAE encode for image tasks) ->
-    draw noise -> denoise (one expert resident at a time) -> VAE decode -> (caller saves)
+    plan (CUDA: what stays resident, what streams, VAE tile) -> encode prompts (cache, else UMT5 on the CPU, then
+    released) -> build conditioning (VAE encode for image tasks) -> draw noise -> denoise (one expert on the device
+    at a time; the next one prefetched when RAM allows) -> VAE decode (tiled when the plan says so) -> (caller saves)
 
 Numerics follow the official pipelines; on CUDA with bf16 the DiT runs in the reference's bf16 autocast regime
 with bf16 weights, the VAE in float32; `dtype=torch.float32` gives the float32 regime the golden tests use.
@@ -22,18 +23,24 @@ from typing import Any
 import torch
 from PIL import Image
 
-from wan_local import __version__
+from wan_local import __version__, paths
 from wan_local.errors import InputError
-from wan_local.models.dit import WanDiT
+from wan_local.machine import detect_machine
+from wan_local.memory.estimate import JobEstimate, estimate_job
+from wan_local.memory.experts import ExpertSlots
+from wan_local.memory.options import MemoryOptions
+from wan_local.memory.plan import ResidencyPlan, dit_config_for_checkpoint
+from wan_local.memory.vae_tiling import choose_tile, default_overlap, tiled_decode, tiled_encode
 from wan_local.prompt import PromptTokenizer
 from wan_local.sampling import conditioning as cond
-from wan_local.sampling.denoise import CancelToken, Guidance, StepEvent, denoise
+from wan_local.sampling.denoise import LOW_NOISE, CancelToken, Guidance, StepEvent, denoise
 from wan_local.sampling.schedule import SCHEDULE_SOLVERS, make_schedule
 from wan_local.sampling.solvers import make_solver
 from wan_local.specs import TaskSpec, check_frames, check_size, get_task
+from wan_local.text_cache import PromptCache, cache_key
 from wan_local.video import load_image
 from wan_local.weights.layout import CheckpointSet, find_checkpoints
-from wan_local.weights.loading import load_dit, load_text_encoder, load_vae
+from wan_local.weights.loading import load_text_encoder, load_vae
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +112,7 @@ class GenerationResult:
     latent: torch.Tensor
     fps: int
     timings_s: dict[str, float] = field(default_factory=dict)
+    peaks: dict[str, int] = field(default_factory=dict)
 
     def metadata(self) -> dict[str, Any]:
         """What is embedded in the MP4: the resolved settings plus provenance."""
@@ -118,41 +126,12 @@ class GenerationResult:
         }
 
 
-class ExpertSlots:
-    """Loads DiT experts on first use and keeps only the one in use: switching releases the other.
-
-    The denoise loop asks for an expert every step; with timesteps decreasing there is one switch, so each
-    expert is loaded once and at most one is ever held (RAM and VRAM).
-    """
-
-    def __init__(self, paths: dict[str, Path], model_type: str, device: torch.device, dtype: torch.dtype) -> None:
-        self._paths = paths
-        self._model_type = model_type
-        self._device = device
-        self._dtype = dtype
-        self._active: tuple[str, WanDiT] | None = None
-        self.loads: list[str] = []
-
-    def __call__(self, expert: str) -> WanDiT:
-        if self._active is not None and self._active[0] == expert:
-            return self._active[1]
-        if expert not in self._paths:
-            raise InputError(f"no checkpoint for the {expert} expert")
-        self.release()
-        model = load_dit(self._paths[expert], dtype=self._dtype, expected_model_type=self._model_type)
-        self._active = (expert, model.to(self._device))
-        self.loads.append(expert)
-        return self._active[1]
-
-    def release(self) -> None:
-        if self._active is not None:
-            self._active = None
-            if self._device.type == "cuda":
-                torch.cuda.empty_cache()
-
-
 class WanPipeline:
-    """Generates videos for one task from one checkpoint folder (official, diffusers or ComfyUI layout)."""
+    """Generates videos for one task from one checkpoint folder (official, diffusers or ComfyUI layout).
+
+    A pipeline object can run many jobs: the VAE stays loaded (on the CPU between its uses), prompt embeddings are
+    cached on disk, and an expert is kept in RAM between jobs when the plan allows it.
+    """
 
     def __init__(
         self,
@@ -160,44 +139,110 @@ class WanPipeline:
         task: str | TaskSpec,
         device: str | torch.device = "cuda",
         dtype: torch.dtype = torch.bfloat16,
+        memory: MemoryOptions | None = None,
+        cache_dir: Path | None = None,
     ) -> None:
         self.spec = task if isinstance(task, TaskSpec) else get_task(task)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InputError("CUDA was requested but no CUDA device is available; use --device cpu")
         self.dtype = dtype
-        self.files: CheckpointSet = find_checkpoints(Path(ckpt_dir), self.spec)
+        self.memory = memory or MemoryOptions()
+        self.ckpt_dir = Path(ckpt_dir)
+        self.files: CheckpointSet = find_checkpoints(self.ckpt_dir, self.spec)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else paths.cache_dir()
+        self.prompt_cache = PromptCache(self.cache_dir / "prompt-embeddings")
+        self.experts = ExpertSlots(
+            self.files.dit, self.spec.model_type, self.device, dtype, self.memory, self.cache_dir / "quantized"
+        )
+        self._vae = None
 
     # ------------------------------------------------------------------------------------------------ stages
 
-    def encode_prompts(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """UMT5 on the CPU (the encoder is dropped afterwards): trimmed contexts [L, text_dim] on the device."""
-        tokenizer = PromptTokenizer.from_dir(self.files.tokenizer)
-        encoder = load_text_encoder(self.files.text_encoder, dtype=self.dtype)
-        ids, mask = tokenizer([prompt, negative_prompt], max_length=self.spec.text_len)
-        with torch.no_grad():
-            # One prompt at a time, as the reference (batch 1 each).
-            context = encoder.encode(ids[:1], mask[:1])[0]
-            negative = encoder.encode(ids[1:], mask[1:])[0]
-        del encoder
-        return context.to(self.device), negative.to(self.device)
+    def estimate(self, s: GenerationSettings) -> JobEstimate | None:
+        """The residency plan and cost of `s` on this machine (CUDA only; on the CPU everything is resident)."""
+        if self.device.type != "cuda":
+            return None
+        config = dit_config_for_checkpoint(self.ckpt_dir, self.spec.name)
+        return estimate_job(s.task, s.size, s.frames, s.steps, self.memory, detect_machine(), config)
 
-    def build_conditioning(self, s: GenerationSettings, image: Image.Image | None, vae) -> cond.Conditioning:
-        """The task's conditioning; image tasks encode the image with `vae` (on the run device, float32)."""
+    def encode_prompts(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trimmed UMT5 contexts [L, text_dim] on the device, from the prompt cache or from UMT5 on the CPU.
+
+        The encoder is loaded only on a cache miss and released right after (11 GB at full size).
+        """
+        keys = [
+            cache_key(self.files.text_encoder, self.files.tokenizer, text, self.dtype, self.spec.text_len)
+            for text in (prompt, negative_prompt)
+        ]
+        contexts = [self.prompt_cache.get(key) for key in keys]
+        missing = [i for i, c in enumerate(contexts) if c is None]
+        if missing:
+            tokenizer = PromptTokenizer.from_dir(self.files.tokenizer)
+            encoder = load_text_encoder(self.files.text_encoder, dtype=self.dtype)
+            ids, mask = tokenizer([prompt, negative_prompt], max_length=self.spec.text_len)
+            with torch.no_grad():
+                for i in missing:  # one prompt at a time, as the reference (batch 1 each)
+                    contexts[i] = encoder.encode(ids[i : i + 1], mask[i : i + 1])[0]
+                    self.prompt_cache.put(keys[i], contexts[i])
+            del encoder
+        return contexts[0].to(self.device), contexts[1].to(self.device)
+
+    @property
+    def vae(self):
+        """The task's VAE, loaded once (float32); it lives on the CPU between its uses."""
+        if self._vae is None:
+            self._vae = load_vae(self.files.vae, self.spec.vae)
+        return self._vae
+
+    def _vae_tile(self, plan: ResidencyPlan | None, latent_hw: tuple[int, int]) -> tuple[int, int] | None:
+        """Spatial tile (latent positions) for the VAE, or None for an untiled decode."""
+        tiling = self.memory.vae_tiling
+        if tiling == "off":
+            return None
+        if plan is not None and plan.vae_tile_latent_px:
+            return (plan.vae_tile_latent_px, plan.vae_tile_latent_px)
+        if tiling == "on":
+            return choose_tile(self.spec.vae, latent_hw, _free_device_bytes(self.device))
+        return None
+
+    def build_conditioning(
+        self, s: GenerationSettings, image: Image.Image | None, plan: ResidencyPlan | None = None
+    ) -> cond.Conditioning:
+        """The task's conditioning; image tasks encode the image with the VAE (on the run device, float32)."""
         spec = self.spec
         stride = spec.vae_stride
         if image is None:
-            return cond.text_to_video(vae.z_dim, s.frames, s.size, stride)
+            return cond.text_to_video(self.vae.z_dim, s.frames, s.size, stride)
         max_area = s.size[0] * s.size[1]
+        vae = self.vae.to(self.device)
 
         def encode(video: torch.Tensor) -> torch.Tensor:
+            tile = self._vae_tile(plan, (video.shape[-2] // stride[1], video.shape[-1] // stride[2]))
             with torch.no_grad():
-                return vae.encode(video[None].to(self.device, torch.float32))[0]
+                if tile is None:
+                    return vae.encode(video[None].to(self.device, torch.float32))[0]
+                return tiled_encode(vae, video[None], tile, default_overlap(tile), self.device, self.device)[0]
 
-        if spec.mode == "i2v":
-            return cond.i2v_a14b(image, s.frames, max_area, stride, spec.patch_size, encode)
-        conditioning, _ = cond.ti2v_image(image, s.frames, max_area, stride, spec.size_multiple, encode)
-        return conditioning
+        try:
+            if spec.mode == "i2v":
+                return cond.i2v_a14b(image, s.frames, max_area, stride, spec.patch_size, encode)
+            conditioning, _ = cond.ti2v_image(image, s.frames, max_area, stride, spec.size_multiple, encode)
+            return conditioning
+        finally:
+            vae.to("cpu")
+
+    def decode(self, latent: torch.Tensor, plan: ResidencyPlan | None = None) -> torch.Tensor:
+        """Final latent [C, T, h, w] -> video [3, F, H, W] float32 on the CPU, tiled when the plan says so."""
+        vae = self.vae.to(self.device)
+        try:
+            with torch.no_grad():
+                tile = self._vae_tile(plan, tuple(latent.shape[-2:]))
+                if tile is None:
+                    return vae.decode(latent[None].to(self.device))[0].float().cpu()
+                return tiled_decode(vae, latent[None], tile, default_overlap(tile), self.device, "cpu")[0]
+        finally:
+            vae.to("cpu")
 
     def noise(self, shape: tuple[int, ...], seed: int) -> torch.Tensor:
         """One float32 randn of the latent shape from a generator on the run device seeded with `seed`."""
@@ -229,38 +274,77 @@ class WanPipeline:
                 on_stage(name)
 
         image = load_image(Path(s.image)) if s.image else None  # a bad image fails before any model loads
-        stage("encode_text")
-        context, negative = self.encode_prompts(s.prompt, s.negative_prompt or self.spec.negative_prompt)
-        stage("load_vae")
-        vae = load_vae(self.files.vae, self.spec.vae).to(self.device)
-        stage("condition")
-        conditioning = self.build_conditioning(s, image, vae)
-        noise = self.noise(conditioning.latent_shape, s.seed)
-        if conditioning.y is not None:
-            conditioning.y = conditioning.y.to(self.device)
+        estimate = self.estimate(s)
+        plan = estimate.plan if estimate is not None else None
+        if estimate is not None:
+            log.info("plan: %s", "; ".join(line.strip() for line in plan.describe()))
+        keep_idle = plan.experts_in_ram > 1 if plan is not None else self.memory.keep_idle_expert == "keep"
+        self.experts.configure(plan, keep_idle)
+        try:
+            stage("encode_text")
+            context, negative = self.encode_prompts(s.prompt, s.negative_prompt or self.spec.negative_prompt)
+            stage("condition")
+            conditioning = self.build_conditioning(s, image, plan)
+            noise = self.noise(conditioning.latent_shape, s.seed)
+            if conditioning.y is not None:
+                conditioning.y = conditioning.y.to(self.device)
 
-        stage("denoise")
-        schedule = make_schedule(s.solver, s.steps, s.shift, self.spec.num_train_timesteps)
-        experts = ExpertSlots(self.files.dit, self.spec.model_type, self.device, self.dtype)
-        guidance = Guidance(
-            models=experts,
-            context=context,
-            negative_context=negative,
-            guide_scale=s.guide_scale,
-            boundary_timestep=self.spec.boundary_timestep,
-            conditioning=conditioning,
-            autocast_dtype=self.dtype if self.dtype != torch.float32 else None,
-        )
-        with torch.no_grad():
-            latent = denoise(noise, schedule, make_solver(s.solver, schedule), guidance, on_step=on_step, cancel=cancel)
-        experts.release()
+            stage("denoise")
+            schedule = make_schedule(s.solver, s.steps, s.shift, self.spec.num_train_timesteps)
+            guidance = Guidance(
+                models=self.experts,
+                context=context,
+                negative_context=negative,
+                guide_scale=s.guide_scale,
+                boundary_timestep=self.spec.boundary_timestep,
+                conditioning=conditioning,
+                autocast_dtype=self.dtype if self.dtype != torch.float32 else None,
+            )
+            if self.spec.two_experts:
+                self.experts.prefetch(LOW_NOISE)  # read while the high-noise expert computes, if RAM allows
+            with torch.no_grad():
+                latent = denoise(
+                    noise, schedule, make_solver(s.solver, schedule), guidance, on_step=on_step, cancel=cancel
+                )
+            self.experts.park()
 
-        stage("decode")
-        with torch.no_grad():
-            video = vae.decode(latent[None])[0].float().cpu()
-        del vae
+            stage("decode")
+            video = self.decode(latent, plan)
+        except BaseException:
+            self.experts.release()
+            raise
         timings = _durations(timings)
-        return GenerationResult(s, video, latent.cpu(), self.spec.fps, timings)
+        return GenerationResult(s, video, latent.cpu(), self.spec.fps, timings, _peaks(self.device))
+
+    def close(self) -> None:
+        """Release every model this pipeline holds."""
+        self.experts.release()
+        self._vae = None
+
+
+def _free_device_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def _peaks(device: torch.device) -> dict[str, int]:
+    """Peak VRAM allocated by torch and peak RSS of this process so far, in bytes."""
+    peaks = {}
+    if device.type == "cuda":
+        peaks["vram_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+        peaks["ram_peak_bytes"] = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+    except ImportError:  # Windows
+        import psutil
+
+        peaks["ram_peak_bytes"] = int(psutil.Process().memory_info().peak_wset)
+    return peaks
 
 
 def _durations(starts: dict[str, float]) -> dict[str, float]:

@@ -10,30 +10,10 @@ import argparse
 import json
 from pathlib import Path
 
-from wan_local.errors import InputError
 from wan_local.jobs.store import STATES, Job, JobSettings, JobStore
 from wan_local.jobs.worker import add_worker_options
-from wan_local.options import add_generation_options, parse_guide_scale
+from wan_local.options import add_generation_options, add_memory_options, memory_overrides, parse_guide_scale
 from wan_local.specs import parse_size
-
-
-def _parse_memory(items: list[str]) -> dict[str, object]:
-    """["quant=int8", "vram_budget_gb=10"] -> {"quant": "int8", "vram_budget_gb": 10.0}; *_gb values are numbers
-    ("none" unsets them), the rest strings."""
-    memory: dict[str, object] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise InputError(f"--memory {item!r} must be KEY=VALUE (e.g. quant=int8)")
-        if key.endswith("_gb"):
-            try:
-                memory[key] = None if value.lower() == "none" else float(value)
-            except ValueError:
-                raise InputError(f"--memory {key}={value!r} must be a number of GB or none") from None
-        else:
-            memory[key] = value
-    return memory
 
 
 def settings_from_args(args: argparse.Namespace) -> JobSettings:
@@ -54,7 +34,7 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
         device=args.device,
         dtype=args.dtype,
         preset=getattr(args, "preset", None),
-        memory=_parse_memory(getattr(args, "memory", None) or []),
+        memory=memory_overrides(args),
         output=str(args.output.resolve()) if args.output else None,
     )
 
@@ -131,8 +111,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     add = sub.add_parser("add", help="queue a generation", description="Queue a generation for the worker.")
     add_generation_options(add)
-    add.add_argument("--preset", help="memory preset name (the worker may retry with a lower one after OOM)")
-    add.add_argument("--memory", action="append", metavar="KEY=VALUE", help="memory option override (repeatable)")
+    add_memory_options(add)
     _store_option(add)
     add.set_defaults(func=_queue_add)
 

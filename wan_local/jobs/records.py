@@ -100,6 +100,12 @@ class JobSettings:
             allowed = ", ".join(MemoryOptions.field_names())
             raise InputError(f"unknown memory option(s) {', '.join(sorted(unknown))}; allowed: {allowed}")
         MemoryOptions(**self.memory)
+        if self.preset not in (None, "", "auto"):
+            from wan_local.presets import load_presets
+
+            presets = load_presets()
+            if self.preset not in presets:
+                raise InputError(f"unknown preset {self.preset!r}; choose auto or one of {', '.join(presets)}")
         if self.image:
             load_image(Path(self.image))
 

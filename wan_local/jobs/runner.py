@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from wan_local.errors import WanLocalError
 from wan_local.jobs.store import Job
+from wan_local.memory.options import MemoryOptions
 
 if TYPE_CHECKING:
     import torch
@@ -143,7 +144,7 @@ def default_output_name(job: Job, task: str, size: tuple[int, int]) -> str:
 
 
 class PipelineRunner:
-    """Runs jobs with WanPipeline; keeps the last two pipelines (keyed by ckpt_dir, task, device, dtype).
+    """Runs jobs with WanPipeline; keeps the last two pipelines (keyed by ckpt_dir, task, device, dtype, memory).
 
     output_dir is used for jobs without an explicit output; previews go to preview_dir/job<id>.png and are
     written every `preview_every` steps.
@@ -153,20 +154,26 @@ class PipelineRunner:
         self.output_dir = Path(output_dir)
         self.preview_dir = Path(preview_dir)
         self.preview_every = max(1, preview_every)
-        self._pipelines: dict[tuple[str, str, str, str], WanPipeline] = {}
+        self._pipelines: dict[tuple, WanPipeline] = {}
 
-    def _pipeline(self, ckpt_dir: str, task: str, device: str, dtype_name: str) -> WanPipeline:
+    def _pipeline(self, ckpt_dir: str, task: str, device: str, dtype_name: str, memory: MemoryOptions) -> WanPipeline:
         import torch
 
         from wan_local.pipeline import WanPipeline
 
-        key = (str(Path(ckpt_dir).resolve()), task, device, dtype_name)
+        key = (str(Path(ckpt_dir).resolve()), task, device, dtype_name, memory)
         if key not in self._pipelines:
             dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-            self._pipelines[key] = WanPipeline(Path(ckpt_dir), task, device=device, dtype=dtype)
+            self._pipelines[key] = WanPipeline(Path(ckpt_dir), task, device=device, dtype=dtype, memory=memory)
             while len(self._pipelines) > 2:
-                self._pipelines.pop(next(iter(self._pipelines)))
+                self._pipelines.pop(next(iter(self._pipelines))).close()
         return self._pipelines[key]
+
+    def close(self) -> None:
+        """Release every model held by the cached pipelines."""
+        for pipeline in self._pipelines.values():
+            pipeline.close()
+        self._pipelines.clear()
 
     def run(self, job: Job, on_progress: Callable[[Progress], None], cancel: CancelToken) -> Path:
         """Generate `job`'s video, save it with its settings embedded, return the path."""
@@ -190,10 +197,12 @@ class PipelineRunner:
             solver=s.solver,
             seed=job.resolved_seed,
         ).resolve()
-        # Memory options and presets reach the engine once the pipeline takes them (see the module report).
+        from wan_local.options import resolve_memory
+
+        preset, memory = resolve_memory(s.preset, dict(s.memory), device)
         oom: str | None = None
         try:
-            pipeline = self._pipeline(s.ckpt_dir, settings.task, device, dtype_name)
+            pipeline = self._pipeline(s.ckpt_dir, settings.task, device, dtype_name, memory)
             result = self._generate(pipeline, job, settings, on_progress, cancel)
             on_progress(Progress("save", settings.steps, settings.steps))
             output = Path(s.output) if s.output else self.output_dir / default_output_name(job, s.task, settings.size)
@@ -202,7 +211,7 @@ class PipelineRunner:
                 "dtype": dtype_name,
                 "device": device,
                 "job_id": job.id,
-                "preset": s.preset,
+                "preset": preset,
                 "memory": dict(s.memory),
                 "image_source": s.image_source,
             }
@@ -214,7 +223,7 @@ class PipelineRunner:
                 raise
             oom = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         # Out of the except block, so the failed frames (and the tensors they hold) can be freed first.
-        self._pipelines.clear()
+        self.close()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

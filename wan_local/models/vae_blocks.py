@@ -12,7 +12,6 @@ Shapes: video tensors are [B, C, T, H, W] (channels first, then time). Everythin
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 
 import torch
@@ -309,9 +308,12 @@ class OutputHead(nn.ModuleList):
         return conv(F.silu(norm(x), inplace=True), cache)
 
 
-@functools.lru_cache(maxsize=16)
 def _latent_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """(mean, 1/std) as float32 [1, z, 1, 1, 1] tensors on `device`; 1/std is computed in float32 as the reference."""
+    """(mean, 1/std) as float32 [1, z, 1, 1, 1] tensors on `device`; 1/std is computed in float32 as the reference.
+
+    Built per call (z floats, once per chunk): a cache of tensors here would be global state that leaks across
+    devices and tensor modes (a real CPU tensor reused under FakeTensorMode fails).
+    """
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
     inv_std = 1.0 / torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
     return mean_t, inv_std

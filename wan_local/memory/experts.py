@@ -1,0 +1,197 @@
+"""Which DiT expert is loaded where: the active one on the device (resident or streamed), at most one idle.
+
+A14B runs the high-noise expert for the first steps and the low-noise one after the boundary, so an expert is
+loaded once per job. `ExpertSlots` hands the denoise loop the expert it asks for and decides, from the plan, what
+happens to the other:
+
+- keep_idle False (RAM is short): an expert is released before the next one is loaded, so only one is ever held.
+- keep_idle True (RAM allows both): the next expert is read from disk in a background thread while the current one
+  computes, and a finished expert is parked in host RAM for the next job.
+
+Quantized experts come from the quantization cache; ComfyUI fp8_scaled and optimum-quanto files are used as
+stored. Streaming follows the plan's streamed blocks; the streamer is uninstalled before an expert is parked.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from wan_local.errors import CheckpointError
+from wan_local.memory.options import MemoryOptions
+from wan_local.memory.plan import ResidencyPlan
+from wan_local.models.dit import WanDiT
+from wan_local.weights import fp8
+from wan_local.weights.files import read_safetensors
+from wan_local.weights.loading import load_dit
+
+log = logging.getLogger(__name__)
+
+
+def is_prequantized(path: Path) -> bool:
+    """A single-file DiT stored in fp8 (ComfyUI fp8_scaled) or in optimum-quanto format."""
+    path = Path(path)
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return False
+    from wan_local.memory.quant import is_quanto_checkpoint
+
+    sd = read_safetensors(path)  # memory-mapped: only the header is read here
+    return fp8.is_fp8_checkpoint(sd) or is_quanto_checkpoint(sd)
+
+
+class ExpertSlots:
+    """Loads DiT experts on demand and places them on the device according to a ResidencyPlan.
+
+    `slots(expert)` returns the expert ready to run; `park()` ends its use (the streamer is removed; the model is
+    kept in host RAM when `keep_idle`, else released); `release()` drops everything.
+    """
+
+    def __init__(
+        self,
+        paths: dict[str, Path],
+        model_type: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        memory: MemoryOptions,
+        quant_cache_dir: Path | None = None,
+    ) -> None:
+        self._paths = paths
+        self._model_type = model_type
+        self._device = device
+        self._dtype = dtype
+        self._memory = memory
+        self._quant_cache_dir = quant_cache_dir
+        self._lock = threading.Lock()
+        self._active: tuple[str, WanDiT, object | None] | None = None  # (expert, model, streamer)
+        self._idle: dict[str, WanDiT] = {}
+        self._pending: dict[str, Future[WanDiT]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self.plan: ResidencyPlan | None = None
+        self.keep_idle = False
+        #: Experts read from disk, in order (tests and logs).
+        self.loads: list[str] = []
+
+    # ------------------------------------------------------------------------------------------- configuration
+
+    def configure(self, plan: ResidencyPlan | None, keep_idle: bool) -> None:
+        """Set the plan for the next job. Idle experts are dropped when the new plan cannot keep them."""
+        self.plan = plan
+        self.keep_idle = keep_idle
+        if not keep_idle:
+            with self._lock:
+                self._idle.clear()
+
+    def held(self) -> list[str]:
+        """Experts currently held in memory (active, idle or being prefetched)."""
+        with self._lock:
+            names = list(self._idle) + list(self._pending)
+        if self._active is not None:
+            names.insert(0, self._active[0])
+        return names
+
+    # ------------------------------------------------------------------------------------------- loading
+
+    def _read(self, expert: str) -> WanDiT:
+        path = self._paths[expert]
+        quant = self._memory.quant
+        if quant != "none" or is_prequantized(path):
+            from wan_local.memory.quant import QuantCache, load_quantized_dit
+
+            cache = QuantCache(self._quant_cache_dir) if self._quant_cache_dir is not None else None
+            model = load_quantized_dit(
+                path,
+                quant if quant != "none" else "fp8",  # a pre-quantized file keeps its own format
+                self._memory.quant_scope,
+                self._dtype,
+                cache=cache,
+                expected_model_type=self._model_type,
+            )
+        else:
+            model = load_dit(path, dtype=self._dtype, expected_model_type=self._model_type)
+        self.loads.append(expert)
+        return model
+
+    def _take(self, expert: str) -> WanDiT:
+        """The expert from the idle set, the prefetch or the disk (in that order)."""
+        with self._lock:
+            model = self._idle.pop(expert, None)
+            pending = self._pending.pop(expert, None)
+        if model is not None:
+            return model
+        if pending is not None:
+            return pending.result()
+        return self._read(expert)
+
+    def prefetch(self, expert: str) -> None:
+        """Start reading `expert` from disk in the background (only when idle experts may be kept)."""
+        if not self.keep_idle or expert not in self._paths:
+            return
+        with self._lock:
+            if expert in self._idle or expert in self._pending:
+                return
+            if self._active is not None and self._active[0] == expert:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-prefetch")
+            self._pending[expert] = self._pool.submit(self._read, expert)
+        log.info("prefetching the %s expert in the background", expert)
+
+    # ------------------------------------------------------------------------------------------- placement
+
+    def _place(self, model: WanDiT) -> object | None:
+        """Put `model` on the device: resident, or non-block weights resident and the plan's blocks streamed."""
+        plan = self.plan
+        if self._device.type == "cuda" and plan is not None and plan.streamed_blocks:
+            from wan_local.memory.streaming import BlockStreamer, move_unstreamed
+
+            move_unstreamed(model, plan.streamed_blocks, self._device)
+            cap = plan.pinned_host_bytes + plan.staging_host_bytes
+            return BlockStreamer(model, plan.streamed_blocks, self._device, plan.prefetch_depth, cap).install()
+        model.to(self._device)
+        return None
+
+    def __call__(self, expert: str) -> WanDiT:
+        if self._active is not None and self._active[0] == expert:
+            return self._active[1]
+        if expert not in self._paths:
+            raise CheckpointError(f"no checkpoint for the {expert} expert")
+        self.park()
+        model = self._take(expert)
+        self._active = (expert, model, self._place(model))
+        return model
+
+    def park(self) -> None:
+        """End the active expert's use: remove its streamer, then keep it in host RAM or release it."""
+        if self._active is None:
+            return
+        expert, model, streamer = self._active
+        self._active = None
+        if streamer is not None:
+            streamer.uninstall()
+        if self.keep_idle:
+            model.to("cpu")
+            with self._lock:
+                self._idle[expert] = model
+        del model
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def release(self) -> None:
+        """Drop every expert (active, idle and prefetched)."""
+        keep, self.keep_idle = self.keep_idle, False
+        self.park()
+        self.keep_idle = keep
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+            self._idle.clear()
+        for future in pending:
+            future.cancel()
+            if not future.cancelled():
+                future.exception()  # wait; a failed prefetch is of no interest once released
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()

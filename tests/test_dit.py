@@ -253,3 +253,18 @@ def test_per_token_timesteps_errors() -> None:
         per_token_timesteps(torch.ones(4, 4), 3)
     with pytest.raises(InputError, match="not divisible"):
         per_token_timesteps(torch.ones(2, 3, 4), 3)
+
+
+def test_attention_backend_context(monkeypatch):
+    """The backend in effect is scoped to its context; SDPA is used on the CPU whatever is asked."""
+    from wan_local.models import attention as attn
+
+    q = torch.randn(1, 5, 2, 8)
+    expected = attn.attention(q, q, q)
+    for name in attn.BACKENDS:
+        with attn.use_backend(name):
+            assert attn._backend.get() == name
+            assert torch.equal(attn.attention(q, q, q), expected)
+    assert attn._backend.get() == "auto"
+    with pytest.raises(ValueError, match="not one of"), attn.use_backend("xformers"):
+        pass

@@ -31,6 +31,7 @@ from wan_local.memory.experts import ExpertSlots
 from wan_local.memory.options import MemoryOptions
 from wan_local.memory.plan import ResidencyPlan, dit_config_for_checkpoint
 from wan_local.memory.vae_tiling import choose_tile, default_overlap, tiled_decode, tiled_encode
+from wan_local.models.attention import use_backend as use_attention_backend
 from wan_local.prompt import PromptTokenizer
 from wan_local.sampling import conditioning as cond
 from wan_local.sampling.denoise import LOW_NOISE, CancelToken, Guidance, StepEvent, denoise
@@ -302,7 +303,7 @@ class WanPipeline:
             )
             if self.spec.two_experts:
                 self.experts.prefetch(LOW_NOISE)  # read while the high-noise expert computes, if RAM allows
-            with torch.no_grad():
+            with torch.no_grad(), use_attention_backend(self.memory.attention):
                 latent = denoise(
                     noise, schedule, make_solver(s.solver, schedule), guidance, on_step=on_step, cancel=cancel
                 )

@@ -7,13 +7,19 @@ back to PyTorch SDPA otherwise. Outside autocast nothing is cast, so CPU float32
 
 Wan attention is never masked on a single device (no token padding; cross-attention attends to all
 text_len rows on purpose), so no length or mask arguments exist here.
+
+The kernel is chosen per call from the backend in effect (`use_backend`, a context variable the pipeline sets
+for the duration of a job): "auto" (flash-attn when installed, else SDPA), "sdpa", "flash" (SDPA with a warning
+when flash-attn is missing) or "sage" (SageAttention's quantized kernel when installed; faster, slightly lossy).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +28,33 @@ logger = logging.getLogger(__name__)
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH_MAX_HEAD_DIM = 256
+BACKENDS = ("auto", "sdpa", "flash", "sage")
+_backend: ContextVar[str] = ContextVar("wan_local_attention_backend", default="auto")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed code with attention backend `name` (one of BACKENDS)."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not one of {', '.join(BACKENDS)}")
+    token = _backend.set(name)
+    try:
+        yield
+    finally:
+        _backend.reset(token)
+
+
+@functools.cache
+def _sage_attn_func() -> Callable[..., object] | None:
+    """SageAttention's sageattn if importable, else None (logged once)."""
+    try:
+        from sageattention import sageattn
+
+        logger.info("attention: using SageAttention")
+        return sageattn
+    except ImportError:
+        logger.warning("attention: SageAttention is not installed, using the default kernel")
+        return None
 
 
 @functools.cache
@@ -57,11 +90,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         dtype = torch.get_autocast_dtype(device_type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
 
-    flash = None
-    if q.is_cuda and q.dtype in _HALF_DTYPES and k.dtype == v.dtype == q.dtype:
-        flash = _flash_attn_func() if q.shape[-1] <= _FLASH_MAX_HEAD_DIM else None
-    if flash is not None:
-        out = flash(q, k, v)
+    backend = _backend.get()
+    kernel, sage = None, False
+    if backend != "sdpa" and q.is_cuda and q.dtype in _HALF_DTYPES and k.dtype == v.dtype == q.dtype:
+        if backend == "sage":
+            kernel = _sage_attn_func()
+            sage = kernel is not None
+        if kernel is None and q.shape[-1] <= _FLASH_MAX_HEAD_DIM:
+            kernel = _flash_attn_func()
+    if sage:
+        out = kernel(q, k, v, tensor_layout="NHD", is_causal=False)
+    elif kernel is not None:
+        out = kernel(q, k, v)
         if isinstance(out, tuple):  # some FlashAttention-3 releases also return the softmax LSE
             out = out[0]
     else:

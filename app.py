@@ -1,0 +1,246 @@
+"""wan-local desktop app: `python app.py` opens the UI in a browser tab at http://127.0.0.1:7860.
+
+Flags are parsed here and only here. The app builds the settings, the job store, the worker process (a separate
+process: a CUDA crash or an out-of-memory in a job never takes the UI down), measures the machine in a short
+child process (so the UI process never creates a CUDA context that would hold VRAM the worker needs), and hands
+all of it to `ui.build_app`. It binds to 127.0.0.1 unless --listen (or the LAN setting) asks for 0.0.0.0; there
+is no public share link. Importing this module does nothing heavy: no torch, no Gradio, no server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("wan_local.app")
+
+PORT_ATTEMPTS = 100
+WORKER_STOP_TIMEOUT_S = 20.0
+_PROBE = (
+    "import dataclasses, json; from wan_local.machine import detect_machine; "
+    "print(json.dumps(dataclasses.asdict(detect_machine(__import__('sys').argv[1]))))"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The app's flags."""
+    parser = argparse.ArgumentParser(
+        prog="wan-local-app", description="The wan-local desktop app: a browser UI with a job queue."
+    )
+    parser.add_argument("--port", type=int, help="port (default: the settings' port, 7860, or the next free one)")
+    parser.add_argument(
+        "--listen", action="store_true", help="let other computers on the network open the app (binds 0.0.0.0)"
+    )
+    parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    parser.add_argument("--home", type=Path, help="folder of the queue, videos and settings (overrides WAN_LOCAL_HOME)")
+    parser.add_argument("--no-worker", action="store_true", help="do not start the worker (tests, or a separate one)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether `port` can be bound on `host` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        if os.name != "nt":  # as the server binds: a port whose old connections linger in TIME_WAIT is free
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def find_free_port(host: str, start: int, attempts: int = PORT_ATTEMPTS) -> int:
+    """The first free port from `start` on; OSError naming the range when all are taken."""
+    for port in range(start, min(start + attempts, 65536)):
+        if port_is_free(host, port):
+            return port
+    raise OSError(f"no free port from {start} to {start + attempts - 1} on {host}; pass --port")
+
+
+def probe_machine(disk_path: Path, timeout_s: float = 120.0) -> Any:
+    """Measure the machine (GPU, VRAM, RAM, disk) in a child process; fall back to RAM and disk only."""
+    from wan_local.machine import MachineInfo
+
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _PROBE, str(disk_path)], capture_output=True, text=True, timeout=timeout_s,
+            check=False,
+        )  # fmt: skip
+        if proc.returncode == 0:
+            data = json.loads(proc.stdout.strip().splitlines()[-1])
+            if data.get("cuda_capability") is not None:
+                data["cuda_capability"] = tuple(data["cuda_capability"])
+            return MachineInfo(**data)
+        log.warning("measuring the GPU failed (%s); continuing as if there were none", proc.stderr.strip()[-500:])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError, TypeError) as exc:
+        log.warning("measuring the GPU failed (%s); continuing as if there were none", exc)
+    import shutil
+
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return MachineInfo(None, 0, 0, None, int(vm.total), int(vm.available), int(shutil.disk_usage(disk_path).free))
+
+
+class WorkerProcess:
+    """The worker child process: started with the app, stopped with it, restartable from the Queue tab.
+
+    Stopping sends SIGTERM (the worker hands its current job back to the front of the queue), waits, then kills.
+    """
+
+    def __init__(self, store_path: Path, *, env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
+        self.store_path = Path(store_path)
+        self.env = env
+        self.log_path = Path(log_path) if log_path is not None else self.store_path.parent / "worker.log"
+        self.proc: subprocess.Popen | None = None
+        self.started_at: float | None = None
+
+    def start(self) -> WorkerProcess:
+        """Spawn the worker (`python -m wan_local worker --store <queue>`)."""
+        from wan_local.jobs.worker import spawn_worker
+
+        self.proc = spawn_worker(self.store_path, log_path=self.log_path, env=self.env)
+        self.started_at = time.time()
+        log.info("worker started (pid %d), log: %s", self.proc.pid, self.log_path)
+        return self
+
+    def alive(self) -> bool:
+        """Whether the worker process is running."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def _last_log_line(self) -> str:
+        try:
+            with self.log_path.open("rb") as fh:
+                fh.seek(max(0, self.log_path.stat().st_size - 4096))
+                lines = [line for line in fh.read().decode(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            return ""
+        return lines[-1].strip() if lines else ""
+
+    def describe(self) -> str:
+        """One line: running (pid), or stopped with its exit code and last log line."""
+        if self.proc is None:
+            return "The worker is not started."
+        code = self.proc.poll()
+        if code is None:
+            return f"Worker running (pid {self.proc.pid}); log: {self.log_path}"
+        last = self._last_log_line()
+        return f"The worker stopped (exit code {code}). Last log line: {last or '(none)'} — full log: {self.log_path}."
+
+    def restart(self) -> str:
+        """Stop the worker if it runs and start a new one."""
+        self.stop()
+        self.start()
+        return f"Worker restarted (pid {self.proc.pid})."
+
+    def stop(self, timeout_s: float = WORKER_STOP_TIMEOUT_S) -> None:
+        """SIGTERM, wait up to `timeout_s` for the job to be handed back, then kill."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("the worker did not stop within %.0f s; killing it", timeout_s)
+            proc.kill()
+            proc.wait()
+        log.info("worker stopped (exit code %s)", proc.returncode)
+
+
+def _raise_interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the app until Ctrl-C / SIGTERM; return the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests
+    # No telemetry, and local requests must never go through a proxy (Gradio checks its own URL at start).
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    no_proxy = [p for p in os.environ.get("NO_PROXY", "").split(",") if p]
+    os.environ["NO_PROXY"] = ",".join([*no_proxy, "localhost", "127.0.0.1"])
+
+    from wan_local.errors import WanLocalError
+    from wan_local.jobs.store import DB_NAME, HOME_ENV, JobStore
+    from wan_local.models_hub import DownloadManager
+    from wan_local.presets import load_presets
+    from wan_local.settings import SettingsStore, settings_path
+
+    home = args.home.expanduser().absolute() if args.home else None
+    if home is None and os.environ.get(HOME_ENV):
+        home = Path(os.environ[HOME_ENV]).expanduser().absolute()
+    if home is not None:
+        os.environ[HOME_ENV] = str(home)  # the worker and everything else agree on the folder
+    try:
+        settings = SettingsStore(settings_path(home))
+        store = JobStore(home / DB_NAME if home is not None else None)
+        presets = load_presets()
+    except WanLocalError as exc:
+        log.error("%s", exc)
+        return 2
+    host = "0.0.0.0" if (args.listen or settings.current.listen) else "127.0.0.1"
+    try:
+        if args.port is not None:
+            if not port_is_free(host, args.port):
+                log.error("port %d is in use on %s; pick another with --port", args.port, host)
+                return 2
+            port = args.port
+        else:
+            port = find_free_port(host, settings.current.port)
+    except OSError as exc:
+        log.error("%s", exc)
+        return 2
+    if host == "0.0.0.0":
+        log.warning("listening on the local network (port %d): anyone on it can use this app", port)
+
+    worker = None if args.no_worker else WorkerProcess(store.path, env=dict(os.environ)).start()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        machine = probe_machine(store.folder)
+        log.info("machine: %s", machine.describe())
+        import ui
+
+        allowed: list[str] = []
+        demo = ui.build_app(
+            store=store, settings=settings, machine=machine, presets=presets, worker=worker,
+            hub=DownloadManager(), allowed_paths=allowed,
+        )  # fmt: skip
+        demo.queue(default_concurrency_limit=4)
+        demo.launch(
+            server_name=host, server_port=port, inbrowser=not args.no_browser, share=False, allowed_paths=allowed,
+            ssr_mode=False, theme=ui.theme(), footer_links=["gradio", "settings"], quiet=False,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        log.info("stopping")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if worker is not None:
+            worker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The Gradio UI of wan-local: `build_app(...)` lays out the tabs around the objects it is given.
+
+Nothing here holds state at module level and nothing heavy happens at import (Gradio itself is imported inside
+`build_app`). One module per tab: generate, queue, gallery, models, settings; `prediction` is the estimate
+adapter and `context` the bundle of objects the tabs share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from ui.context import AppContext, WorkerControl
+from ui.prediction import Estimator, load_estimator
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+    from wan_local.jobs.store import JobStore
+    from wan_local.machine import MachineInfo
+    from wan_local.models_hub import DownloadManager
+    from wan_local.presets import Preset
+    from wan_local.settings import SettingsStore
+
+__all__ = ["AppContext", "WorkerControl", "build_app", "build_context", "theme"]
+
+_LOAD_ESTIMATOR: Any = object()  # sentinel: "import the real estimator"
+
+
+def build_context(
+    *,
+    store: JobStore,
+    settings: SettingsStore,
+    machine: MachineInfo,
+    presets: Mapping[str, Preset],
+    worker: WorkerControl | None = None,
+    hub: DownloadManager | None = None,
+    estimator: Estimator | None = _LOAD_ESTIMATOR,
+    allowed_paths: list[str] | None = None,
+    measure: Callable[[MachineInfo], MachineInfo] | None = None,
+) -> AppContext:
+    """The AppContext the tabs share (see `build_app` for the arguments)."""
+    from wan_local.models_hub import DownloadManager
+
+    ctx = AppContext(
+        store=store,
+        settings=settings,
+        machine=machine,
+        presets=presets,
+        worker=worker,
+        hub=hub if hub is not None else DownloadManager(),
+        estimator=load_estimator() if estimator is _LOAD_ESTIMATOR else estimator,
+        measure=measure,
+        allowed_paths=allowed_paths if allowed_paths is not None else [],
+    )
+    # Only the media folders: the queue database and the settings next to them are not for the browser.
+    for folder in (store.inputs_dir, store.previews_dir, store.outputs_dir, ctx.output_dir()):
+        ctx.allow(folder)
+    return ctx
+
+
+def theme() -> Any:
+    """A theme with system fonts only: the app must look right without internet (no web-font downloads)."""
+    import gradio as gr
+
+    return gr.themes.Soft(
+        font=["system-ui", "Segoe UI", "Roboto", "sans-serif"],
+        font_mono=["ui-monospace", "Consolas", "monospace"],
+    )
+
+
+def build_app(
+    *,
+    store: JobStore,
+    settings: SettingsStore,
+    machine: MachineInfo,
+    presets: Mapping[str, Preset],
+    worker: WorkerControl | None = None,
+    hub: DownloadManager | None = None,
+    estimator: Estimator | None = _LOAD_ESTIMATOR,
+    allowed_paths: list[str] | None = None,
+    measure: Callable[[MachineInfo], MachineInfo] | None = None,
+) -> gr.Blocks:
+    """The whole UI as a gr.Blocks (not launched).
+
+    store: the job queue; settings: the app settings and their file; machine: the startup measurement (VRAM is
+    never re-measured in the UI process); presets: loaded presets (pick_preset chooses "auto"); worker: the
+    worker process handle (None: --no-worker); hub: the download manager (default: a new one whose finished
+    downloads become the task's model folder); estimator: estimate_job-like callable (default: imported when
+    available; None: "no estimate"); allowed_paths: the list to pass to launch(allowed_paths=...), filled here
+    with the folders the UI serves files from and extended when the output folder changes; measure: replaces
+    the RAM re-measurement (tests).
+    """
+    import gradio as gr
+
+    from ui.gallery import build_gallery_tab
+    from ui.generate import FormValues, build_generate_tab
+    from ui.models import build_models_tab
+    from ui.queue import build_queue_tab
+    from ui.settings import build_settings_tab
+
+    ctx = build_context(
+        store=store, settings=settings, machine=machine, presets=presets, worker=worker, hub=hub,
+        estimator=estimator, allowed_paths=allowed_paths, measure=measure,
+    )  # fmt: skip
+    with gr.Blocks(title="wan-local", analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
+        gr.Markdown(
+            f"## wan-local · Wan2.2 video\n{machine.describe()} · preset: **{ctx.pick.preset.label}**",
+            elem_id="app-header",
+        )
+        with gr.Tabs(selected="generate", elem_id="tabs") as tabs:
+            with gr.Tab("Generate", id="generate", elem_id="tab-generate") as generate_tab:
+                gen = build_generate_tab(ctx, generate_tab)
+            with gr.Tab("Queue", id="queue", elem_id="tab-queue"):
+                build_queue_tab(ctx, gen, tabs)
+            with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery") as gallery_tab:
+                build_gallery_tab(ctx, gen, tabs, gallery_tab)
+            with gr.Tab("Models", id="models", elem_id="tab-models"):
+                build_models_tab(ctx)
+            with gr.Tab("Settings", id="settings", elem_id="tab-settings"):
+                build_settings_tab(ctx)
+        model_dir = gen.inputs[FormValues.names().index("model_dir")]
+        demo.load(gen.handlers.current_model_dir, [gen.inputs[0], model_dir], model_dir)
+        demo.load(lambda *v: gen.handlers.prediction_text(FormValues(*v)), gen.inputs, gen.prediction)
+    return demo

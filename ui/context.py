@@ -1,0 +1,87 @@
+"""What every tab works with: the objects app.py built, handed down explicitly (no module-level state)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ui.prediction import Estimator
+from wan_local.jobs.store import JobStore
+from wan_local.machine import MachineInfo
+from wan_local.models_hub import DownloadManager
+from wan_local.presets import Pick, Preset, pick_preset
+from wan_local.settings import SettingsStore
+
+log = logging.getLogger(__name__)
+
+
+class WorkerControl(Protocol):
+    """The worker process as the UI sees it (app.WorkerProcess; tests use a fake)."""
+
+    def alive(self) -> bool:
+        """Whether the worker process is running."""
+        ...
+
+    def describe(self) -> str:
+        """One line: running (pid), or stopped with its exit code and last log line."""
+        ...
+
+    def restart(self) -> str:
+        """Start the worker again (stopping a live one first); return what happened."""
+        ...
+
+
+def refresh_ram(machine: MachineInfo, disk_path: Path | None = None) -> MachineInfo:
+    """`machine` with RAM available (and free disk) measured now. VRAM is not re-measured here: that would
+    create a CUDA context in the UI process, costing VRAM the worker needs."""
+    import psutil
+
+    changes: dict[str, int] = {"ram_available_bytes": int(psutil.virtual_memory().available)}
+    if disk_path is not None:
+        with contextlib.suppress(OSError):
+            changes["disk_free_bytes"] = int(shutil.disk_usage(disk_path).free)
+    return dataclasses.replace(machine, **changes)
+
+
+@dataclass
+class AppContext:
+    """The app's objects. `machine` is the startup snapshot; `machine_now()` re-measures RAM for admission.
+    `pick` is the automatic preset choice for this machine."""
+
+    store: JobStore
+    settings: SettingsStore
+    machine: MachineInfo
+    presets: Mapping[str, Preset]
+    worker: WorkerControl | None
+    hub: DownloadManager
+    estimator: Estimator | None
+    pick: Pick = field(init=False)
+    measure: Callable[[MachineInfo], MachineInfo] | None = None
+    #: Folders Gradio may serve files from (videos, previews, input images); extended when settings change.
+    allowed_paths: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.pick = pick_preset(self.machine, self.presets)
+
+    def machine_now(self) -> MachineInfo:
+        """The machine with RAM measured now (or as `measure` says, in tests)."""
+        if self.measure is not None:
+            return self.measure(self.machine)
+        return refresh_ram(self.machine, self.store.folder)
+
+    def output_dir(self) -> Path:
+        """Where new videos go: the Settings tab's folder, else <home>/outputs."""
+        chosen = self.settings.current.output_dir
+        return Path(chosen).expanduser() if chosen else self.store.outputs_dir
+
+    def allow(self, folder: Path | str) -> None:
+        """Let Gradio serve files from `folder` (the list is the one passed to launch(), so this is live)."""
+        path = str(Path(folder).expanduser().absolute())
+        if path not in self.allowed_paths:
+            self.allowed_paths.append(path)

@@ -1,0 +1,185 @@
+"""The adapter between the Generate tab and the pre-flight estimate: peaks, time, and the admission verdict.
+
+The estimator (`wan_local.memory.estimate.estimate_job`) is optional here: when it cannot be imported, or raises
+something other than "this does not fit" (PlanError), the prediction says "no estimate" and the job may still be
+queued with the preset asked for. Admission follows `presets.admit`: walk the preset's fallback chain and take
+the first preset whose predicted peaks fit (VRAM within the card, RAM within what is available minus the margin
+that keeps the OS from paging); a PlanError for one preset counts as "does not fit" with the planner's reason.
+Nothing here imports Gradio or torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wan_local.machine import GIB, MachineInfo
+from wan_local.presets import Preset, fallback_chain, ram_safety_margin_bytes
+
+log = logging.getLogger(__name__)
+
+Estimator = Callable[..., Any]
+"""estimate_job(task, size, frames, steps, options, machine, dit_config=None) -> JobEstimate-like object with
+peak_vram_bytes, peak_ram_bytes and seconds."""
+
+
+def load_estimator() -> Estimator | None:
+    """`estimate_job` when the estimate module is installed, else None (the UI then shows "no estimate")."""
+    try:
+        from wan_local.memory.estimate import estimate_job
+    except ImportError as exc:
+        log.info("no job estimates: %s", exc)
+        return None
+    return estimate_job
+
+
+def load_dit_config(model_dir: str | Path | None, task: str) -> Any:
+    """The real DiT config of the checkpoint in `model_dir` (header reads only), or None when unavailable."""
+    if not model_dir:
+        return None
+    try:
+        from wan_local.memory.plan import dit_config_for_checkpoint
+
+        return dit_config_for_checkpoint(model_dir, task)
+    except Exception as exc:  # optional refinement: the official config is used instead
+        log.debug("no DiT config from %s: %s", model_dir, exc)
+        return None
+
+
+def _plan_error() -> type[Exception]:
+    try:
+        from wan_local.memory.plan import PlanError
+    except ImportError:
+        return _NeverRaised
+    return PlanError
+
+
+class _NeverRaised(Exception):
+    """Stands in for PlanError when the planner is not installed."""
+
+
+def gib(n_bytes: float) -> str:
+    """Bytes as "12.3 GiB"."""
+    return f"{n_bytes / GIB:.1f} GiB"
+
+
+def format_duration(seconds: float) -> str:
+    """A duration for people: "40 s", "12 min", "3.4 h", "2.1 days"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The verdict on one job. preset: what it runs with (None: refused); estimate: the estimate for `preset`
+    (for the leanest preset tried when refused; None when there is no estimate); message: the sentence shown."""
+
+    requested: Preset
+    preset: Preset | None
+    estimate: Any
+    message: str
+
+    @property
+    def admitted(self) -> bool:
+        """True when the job may be queued (possibly with a lower preset)."""
+        return self.preset is not None
+
+    @property
+    def degraded(self) -> bool:
+        """True when the job runs with a lower preset than asked for."""
+        return self.preset is not None and self.preset.name != self.requested.name
+
+    def figures(self) -> str:
+        """ "peak VRAM 14.2 GiB · peak RAM 30.1 GiB · about 9 min", or "no estimate"."""
+        est = self.estimate
+        if est is None:
+            return "no estimate" if self.admitted else "cannot be planned on this machine"
+        shown = self.preset or self.requested
+        vram = "none (CPU)" if shown.cpu_only else gib(est.peak_vram_bytes)
+        return f"peak VRAM {vram} · peak RAM {gib(est.peak_ram_bytes)} · about {format_duration(est.seconds)}"
+
+    def markdown(self, job: str = "") -> str:
+        """The prediction panel: icon, what job (e.g. "64×48, 5 frames, 3 steps"), figures, message."""
+        icon = "✗" if not self.admitted else "⚠" if self.degraded else "✓" if self.estimate is not None else "ℹ"
+        what = f" ({job})" if job else ""
+        return f"{icon} **Prediction{what}:** {self.figures()}\n\n{self.message}"
+
+
+def _overrun(preset: Preset, vram: int, ram: int, machine: MachineInfo, ram_limit: int, margin: int) -> str | None:
+    if not preset.cpu_only and not machine.has_gpu:
+        return "needs a CUDA GPU, and none was found"
+    if not preset.cpu_only and vram > machine.vram_total_bytes:
+        return f"would need {gib(vram)} VRAM, more than the card's {gib(machine.vram_total_bytes)}"
+    if ram > ram_limit:
+        return (
+            f"would need {gib(ram)} RAM, more than the {gib(ram_limit)} usable "
+            f"({gib(machine.ram_available_bytes)} available minus {gib(margin)} kept free)"
+        )
+    return None
+
+
+def predict(
+    *,
+    task: str,
+    size: tuple[int, int],
+    frames: int,
+    steps: int,
+    requested: Preset,
+    presets: Mapping[str, Preset],
+    machine: MachineInfo,
+    estimator: Estimator | None,
+    dit_config: Any = None,
+) -> Prediction:
+    """Estimate the job with `requested`'s memory options, degrading along its fallback chain, or refuse it."""
+    if estimator is None:
+        return Prediction(requested, requested, None, f"No estimate available; the job runs with '{requested.label}'.")
+    plan_error = _plan_error()
+    margin = ram_safety_margin_bytes(machine)
+    ram_limit = machine.ram_available_bytes - margin
+    problems: list[str] = []
+    last = None
+    for candidate in fallback_chain(requested, presets):
+        try:
+            est = estimator(task, size, frames, steps, candidate.memory, machine, dit_config)
+        except plan_error as exc:
+            problems.append(f"with '{candidate.label}': {exc}")
+            continue
+        except Exception as exc:  # the estimate is advisory: its failure must never block queueing
+            log.warning("estimate failed for %s %s: %s", task, size, exc, exc_info=True)
+            return Prediction(
+                requested, requested, None, f"No estimate ({exc}); the job runs with '{requested.label}'."
+            )
+        last = est
+        vram, ram = int(est.peak_vram_bytes), int(est.peak_ram_bytes)
+        problem = _overrun(candidate, vram, ram, machine, ram_limit, margin)
+        if problem is None:
+            fits = f"fits in {gib(ram_limit)} of usable RAM" + (
+                "" if candidate.cpu_only else f" and the card's {gib(machine.vram_total_bytes)}"
+            )
+            if candidate is requested:
+                return Prediction(requested, candidate, est, f"Fits with '{requested.label}': {fits}.")
+            message = (
+                f"Runs with '{candidate.label}' instead of '{requested.label}' ({'; '.join(problems)}); "
+                f"with '{candidate.label}' it {fits}." + _paging_note(problems)
+            )
+            return Prediction(requested, candidate, est, message)
+        problems.append(f"with '{candidate.label}' it {problem}")
+    message = (
+        f"Not queued: this job does not fit this machine with any preset it can fall back to ({'; '.join(problems)}). "
+        "Try fewer frames, a smaller size or TI2V-5B, or close other programs to free RAM." + _paging_note(problems)
+    )
+    return Prediction(requested, None, last, message)
+
+
+def _paging_note(problems: list[str]) -> str:
+    if any("RAM, more than" in problem or " of RAM " in problem for problem in problems):
+        return " (RAM is kept free because going past it makes the OS page to disk and the whole PC freeze.)"
+    return ""

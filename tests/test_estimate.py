@@ -237,3 +237,16 @@ def test_cli_rejects_contradictions(cli):
         cli("--task", "ti2v-5B", "--ram-gb", "2")
     with pytest.raises(PlanError, match=r"RAM for UMT5 .* while encoding the prompt"):
         cli("--task", "ti2v-5B", "--size", "832*480", "--quant", "int8", "--ram-gb", "12", "--cpu")
+
+
+def test_components_are_sized_from_the_checkpoint(tiny):
+    """A checkpoint's own text encoder and VAE sizes replace the official ones (tiny models -> tiny RAM)."""
+    from wan_local.memory.plan import component_bytes_for_checkpoint, dit_config_for_checkpoint, text_encoder_bytes
+
+    comp = component_bytes_for_checkpoint(tiny / "t2v-A14B", "t2v-A14B")
+    assert 0 < comp.text_encoder_bytes < text_encoder_bytes() / 1000
+    assert comp.vae_bytes == 4 * sum(t.numel() for t in torch.load(tiny / "t2v-A14B" / "Wan2.1_VAE.pth").values())
+    cpu, cfg = machine(gpu=None, ram_gib=24), dit_config_for_checkpoint(tiny / "t2v-A14B", "t2v-A14B")
+    official = E.estimate_job("t2v-A14B", (64, 48), 5, 3, MemoryOptions(), cpu, cfg)
+    sized = E.estimate_job("t2v-A14B", (64, 48), 5, 3, MemoryOptions(), cpu, cfg, components=comp)
+    assert sized.peak_ram_bytes < official.peak_ram_bytes - 10 * GIB

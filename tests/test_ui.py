@@ -39,7 +39,7 @@ def fixed_estimate(vram_gib: float = 0.0, ram_gib: float = 1.0, seconds: float =
     """An estimator that returns the same peaks for every preset, recording its calls."""
     calls = []
 
-    def estimate(task, size, frames, steps, options, machine, dit_config=None):
+    def estimate(task, size, frames, steps, options, machine, dit_config=None, components=None):
         calls.append((task, size, frames, steps, options))
         return SimpleNamespace(peak_vram_bytes=int(vram_gib * GIB), peak_ram_bytes=int(ram_gib * GIB), seconds=seconds)
 
@@ -206,7 +206,7 @@ def test_admission_degrades_along_the_fallback_chain_with_the_reason(make_ctx, p
     }
     assert len(peaks) == 3
 
-    def estimate(task, size, frames, steps, options, machine, dit_config=None):
+    def estimate(task, size, frames, steps, options, machine, dit_config=None, components=None):
         vram, ram = peaks[options]
         return SimpleNamespace(peak_vram_bytes=vram * GIB, peak_ram_bytes=ram * GIB, seconds=540.0)
 
@@ -232,7 +232,7 @@ def test_admission_degrades_along_the_fallback_chain_with_the_reason(make_ctx, p
 def test_admission_refuses_a_job_that_fits_no_preset_and_reports_planner_errors(make_ctx, presets):
     from wan_local.memory.plan import PlanError
 
-    def estimate(task, size, frames, steps, options, machine, dit_config=None):
+    def estimate(task, size, frames, steps, options, machine, dit_config=None, components=None):
         if options == presets["gpu24-ram64"].memory:
             raise PlanError("needs 90.0 GiB of RAM for one DiT expert while denoising but only 60.0 GiB is available")
         return SimpleNamespace(peak_vram_bytes=30 * GIB, peak_ram_bytes=20 * GIB, seconds=1.0)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ui.context import AppContext
-from ui.prediction import Prediction, load_dit_config, predict
+from ui.prediction import Prediction, load_components, load_dit_config, predict
 from wan_local.errors import InputError, WanLocalError
 from wan_local.jobs.records import JobSettings
 from wan_local.models_hub import folder_status
@@ -359,6 +359,7 @@ class GenerateHandlers:
             machine=self.ctx.machine_now(),
             estimator=self.ctx.estimator,
             dit_config=load_dit_config(form.model_dir, spec.name),
+            components=load_components(form.model_dir, spec.name),
         )
 
     def prediction_text(self, form: FormValues) -> str:

@@ -49,6 +49,19 @@ def load_dit_config(model_dir: str | Path | None, task: str) -> Any:
         return None
 
 
+def load_components(model_dir: str | Path | None, task: str) -> Any:
+    """Text encoder / VAE sizes of the checkpoint in `model_dir`, or None (the official sizes are assumed)."""
+    if not model_dir:
+        return None
+    try:
+        from wan_local.memory.plan import component_bytes_for_checkpoint
+
+        return component_bytes_for_checkpoint(model_dir, task)
+    except Exception as exc:  # optional refinement, like load_dit_config
+        log.debug("no component sizes from %s: %s", model_dir, exc)
+        return None
+
+
 def _plan_error() -> type[Exception]:
     try:
         from wan_local.memory.plan import PlanError
@@ -137,6 +150,7 @@ def predict(
     machine: MachineInfo,
     estimator: Estimator | None,
     dit_config: Any = None,
+    components: Any = None,
 ) -> Prediction:
     """Estimate the job with `requested`'s memory options, degrading along its fallback chain, or refuse it."""
     if estimator is None:
@@ -148,7 +162,7 @@ def predict(
     last = None
     for candidate in fallback_chain(requested, presets):
         try:
-            est = estimator(task, size, frames, steps, candidate.memory, machine, dit_config)
+            est = estimator(task, size, frames, steps, candidate.memory, machine, dit_config, components=components)
         except plan_error as exc:
             problems.append(f"with '{candidate.label}': {exc}")
             continue

@@ -14,7 +14,7 @@ from typing import Any
 
 from ui.context import AppContext
 from ui.generate import FormValues, GenerateTab, form_from_settings
-from ui.prediction import format_duration, load_dit_config
+from ui.prediction import format_duration, load_components, load_dit_config
 from wan_local.errors import WanLocalError
 from wan_local.jobs.records import Job
 
@@ -81,7 +81,7 @@ class QueueHandlers:
             size = s.size or spec.default_size
             est = self.ctx.estimator(
                 spec.name, size, s.frames or spec.frames, s.steps or spec.steps, preset.memory, self.ctx.machine,
-                load_dit_config(s.ckpt_dir, spec.name),
+                load_dit_config(s.ckpt_dir, spec.name), components=load_components(s.ckpt_dir, spec.name),
             )  # fmt: skip
         except Exception as exc:  # advisory only (a job that does not fit any more is the worker's to refuse)
             log.debug("no estimate for job %d: %s", job.id, exc)

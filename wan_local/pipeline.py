@@ -29,7 +29,7 @@ from wan_local.machine import detect_machine
 from wan_local.memory.estimate import JobEstimate, estimate_job
 from wan_local.memory.experts import ExpertSlots
 from wan_local.memory.options import MemoryOptions
-from wan_local.memory.plan import ResidencyPlan, dit_config_for_checkpoint
+from wan_local.memory.plan import ResidencyPlan, component_bytes_for_checkpoint, dit_config_for_checkpoint
 from wan_local.memory.vae_tiling import choose_tile, default_overlap, tiled_decode, tiled_encode
 from wan_local.models.attention import use_backend as use_attention_backend
 from wan_local.prompt import PromptTokenizer
@@ -165,7 +165,9 @@ class WanPipeline:
         if self.device.type != "cuda":
             return None
         config = dit_config_for_checkpoint(self.ckpt_dir, self.spec.name)
-        return estimate_job(s.task, s.size, s.frames, s.steps, self.memory, detect_machine(), config)
+        components = component_bytes_for_checkpoint(self.ckpt_dir, self.spec.name)
+        machine = detect_machine()
+        return estimate_job(s.task, s.size, s.frames, s.steps, self.memory, machine, config, components=components)
 
     def encode_prompts(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Trimmed UMT5 contexts [L, text_dim] on the device, from the prompt cache or from UMT5 on the CPU.

@@ -35,6 +35,7 @@ from wan_local.memory.options import (
 from wan_local.memory.plan import (
     GIB,
     TEXT_ENCODER_PARAMS,
+    ComponentBytes,
     ModelBytes,
     ResidencyPlan,
     activation_bytes,
@@ -221,10 +222,11 @@ def _plan(
     machine: MachineInfo,
     os_name: str,
     notes: list[str],
+    components: ComponentBytes | None = None,
 ) -> ResidencyPlan:
     width, height = size
     tokens = tokens_for(spec, width, height, frames)
-    pipe = pipeline_bytes_for(spec, width, height, frames)
+    pipe = pipeline_bytes_for(spec, width, height, frames, components)
     latent_shape = (1, 1, *latent_grid(spec, width, height, frames))
     if not machine.has_gpu:
         from wan_local.memory import vae_tiling
@@ -268,11 +270,13 @@ def estimate_job(
     dit_config: DiTConfig | None = None,
     *,
     os_name: str | None = None,
+    components: ComponentBytes | None = None,
 ) -> JobEstimate:
     """Plan `task` at `size` (width, height) x `frames` for `steps` steps on `machine` and estimate its cost.
 
     dit_config: the real config when a checkpoint exists (plan.dit_config_for_checkpoint), else the official
-    one. os_name: for the default pinned-memory cap ("Windows", "Linux"; default: this machine's). Raises
+    one. components: the checkpoint's text encoder / VAE sizes (plan.component_bytes_for_checkpoint), else the
+    official ones. os_name: for the default pinned-memory cap ("Windows", "Linux"; default: this machine's). Raises
     InputError for unusable settings and PlanError when the job cannot fit.
     """
     spec = get_task(task)
@@ -285,7 +289,7 @@ def estimate_job(
         raise InputError(f"the DiT config is for a {cfg.model_type!r} model; {spec.name} needs {spec.model_type!r}")
     model = dit_bytes(cfg, options.quant, options.quant_scope)
     notes: list[str] = []
-    plan = _plan(spec, cfg, model, size, frames, options, machine, os_name or platform.system(), notes)
+    plan = _plan(spec, cfg, model, size, frames, options, machine, os_name or platform.system(), notes, components)
     speed = device_speed(machine.gpu_name, machine.vram_total_bytes)
     gpu = plan.device == "cuda"
     flops = dit_forward_flops(cfg, tokens)
@@ -303,15 +307,16 @@ def estimate_job(
         )
     step_s = 2 * (forward_s + exposed_s)
     disk = DISK_READ_GB_PER_S * 1e9
-    te_bytes = TEXT_ENCODER_PARAMS * 2
+    te_bytes = components.text_encoder_bytes if components else TEXT_ENCODER_PARAMS * 2
     te_speed = speed if plan.text_encoder_on_gpu else CPU_SPEED
-    te_s = te_bytes / disk + text_encode_flops() / (te_speed.bf16_tflops * 1e12 * MFU)
+    te_flops = text_encode_flops() * te_bytes / (TEXT_ENCODER_PARAMS * 2)  # FLOPs scale with the weights
+    te_s = te_bytes / disk + te_flops / (te_speed.bf16_tflops * 1e12 * MFU)
     experts = 2 if spec.two_experts else 1
     load_s = experts * model.params * CHECKPOINT_BYTES_PER_PARAM / disk
     if gpu:
         te_s += te_bytes / (speed.pcie_gb_per_s * 1e9) if plan.text_encoder_on_gpu else 0.0
         load_s += experts * (plan.resident_block_bytes + model.non_block_bytes) / (speed.pcie_gb_per_s * 1e9)
-    vae_s = vae_weight_bytes(spec.vae) / disk
+    vae_s = (components.vae_bytes if components else vae_weight_bytes(spec.vae)) / disk
     vae_s += vae_decode_flops(spec.vae, width, height, frames) / (speed.tf32_tflops * 1e12 * VAE_EFFICIENCY)
     stages = (("load_models", load_s), ("encode_text", te_s), ("denoise", steps * step_s), ("decode", vae_s))
     notes += _notes(options, plan, speed, exposed_s, forward_s)
@@ -446,12 +451,13 @@ def run_estimate(args: argparse.Namespace, out: TextIO | None = None) -> int:
     machine = machine_for(
         detect_machine(), gpu=args.gpu, vram_gb=args.vram_budget_gb, ram_gb=args.ram_gb, cpu_only=args.cpu
     )
-    cfg = None
+    cfg = components = None
     if args.ckpt_dir:
-        from wan_local.memory.plan import dit_config_for_checkpoint
+        from wan_local.memory.plan import component_bytes_for_checkpoint, dit_config_for_checkpoint
 
         cfg = dit_config_for_checkpoint(args.ckpt_dir, spec.name)
-    est = estimate_job(spec.name, size, frames, steps, options, machine, cfg)
+        components = component_bytes_for_checkpoint(args.ckpt_dir, spec.name)
+    est = estimate_job(spec.name, size, frames, steps, options, machine, cfg, components=components)
     if args.json:
         out.write(json.dumps(estimate_to_dict(est, spec, size, frames, steps, options, machine), indent=2) + "\n")
     else:

@@ -381,6 +381,32 @@ def vae_weight_bytes(vae: str) -> int:
 
 
 @dataclass(frozen=True)
+class ComponentBytes:
+    """Weights of a checkpoint's text encoder (as run: bf16) and VAE (float32), counted from its files."""
+
+    text_encoder_bytes: int
+    vae_bytes: int
+
+
+def _param_count(path: Path) -> int:
+    """Number of tensor elements in a safetensors file/folder (headers only) or a .pth (memory-mapped)."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        return sum(math.prod(v.shape) for v in _header_shapes(path).values())
+    from wan_local.weights.files import read_pth
+
+    return sum(t.numel() for t in read_pth(path).values())
+
+
+def component_bytes_for_checkpoint(ckpt_dir: Path | str, task: str) -> ComponentBytes:
+    """ComponentBytes of the checkpoint of `task` under `ckpt_dir`, so estimates fit the files really used."""
+    from wan_local.weights.layout import find_checkpoints
+
+    files = find_checkpoints(Path(ckpt_dir), get_task(task))
+    return ComponentBytes(_param_count(files.text_encoder) * BF16_BYTES, _param_count(files.vae) * 4)
+
+
+@dataclass(frozen=True)
 class PipelineBytes:
     """What a job needs besides the DiT's own residency, for the stage-by-stage accounting.
 
@@ -397,15 +423,17 @@ class PipelineBytes:
     latent_hw: tuple[int, int] = (1, 1)
 
 
-def pipeline_bytes_for(spec: TaskSpec, width: int, height: int, frames: int) -> PipelineBytes:
-    """PipelineBytes of the official components of `spec` for one video of the given size."""
+def pipeline_bytes_for(
+    spec: TaskSpec, width: int, height: int, frames: int, components: ComponentBytes | None = None
+) -> PipelineBytes:
+    """PipelineBytes for one video of the given size: the checkpoint's `components`, else the official ones."""
     _, h, w = latent_grid(spec, width, height, frames)
-    te = text_encoder_bytes()
+    te = components.text_encoder_bytes if components else text_encoder_bytes()
     return PipelineBytes(
         experts=2 if spec.two_experts else 1,
         text_encoder_bytes=te,
         text_encoder_vram_bytes=te + TEXT_ENCODER_WORK_BYTES,
-        vae_bytes=vae_weight_bytes(spec.vae),
+        vae_bytes=components.vae_bytes if components else vae_weight_bytes(spec.vae),
         decoded_video_bytes=4 * 3 * frames * height * width,
         latent_hw=(h, w),
     )

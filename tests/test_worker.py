@@ -214,3 +214,12 @@ def test_worker_process_survives_sigkill(tiny, tmp_path, capsys):
     assert whale.progress.step <= step_at_cancel + 1, "cancel must take effect within one step"
     with capsys.disabled():
         print(f"\nrestart after SIGKILL: job re-claimed after {claimed_s:.2f} s, first step after {first_step_s:.2f} s")
+
+
+def test_out_of_memory_retries_follow_the_preset_fallback_chain():
+    from wan_local.jobs.worker import fallback_preset
+
+    assert fallback_preset("gpu24-ram64") == "gpu24-ram32"
+    assert fallback_preset("gpu16-ram32") is None, "the bottom of the GPU chain never falls back to the CPU"
+    assert fallback_preset("no-such-preset") is None
+    assert fallback_preset("auto") is None  # this test machine has no GPU: the CPU preset, which has no fallback

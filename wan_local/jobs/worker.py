@@ -189,7 +189,7 @@ def run_job(
 def _out_of_memory(store: JobStore, job: Job, worker_id: str, message: str, config: WorkerConfig) -> str:
     """Fail the job, or re-queue it once with the next lower preset when the job names one and a hook exists."""
     lower = None
-    if config.retry_oom and config.lower_preset is not None and job.settings.preset and job.oom_retries == 0:
+    if config.retry_oom and config.lower_preset is not None and job.oom_retries == 0:
         lower = config.lower_preset(job.settings.preset)
     if lower:
         settings = dataclasses.replace(job.settings, preset=lower)
@@ -257,7 +257,20 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=worker_command)
 
 
-def worker_command(args: argparse.Namespace, lower_preset: LowerPreset | None = None) -> int:
+def fallback_preset(name: str | None) -> str | None:
+    """The preset to retry with after an out-of-memory failure: the fallback of `name` ("auto": of the preset
+    picked for this machine), or None at the bottom of the chain."""
+    from wan_local.machine import detect_machine
+    from wan_local.presets import load_presets, pick_preset
+
+    presets = load_presets()
+    if name in (None, "", "auto"):
+        name = pick_preset(detect_machine(), presets).preset.name
+    preset = presets.get(name)
+    return preset.fallback if preset is not None else None
+
+
+def worker_command(args: argparse.Namespace, lower_preset: LowerPreset | None = fallback_preset) -> int:
     """Run the worker for parsed `args`; SIGTERM / first Ctrl-C stop it gracefully (the job is re-queued)."""
     from wan_local.jobs.runner import PipelineRunner
 

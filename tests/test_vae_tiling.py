@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ from wan_local.memory.vae_tiling import (
     tiled_encode,
     weight_bytes,
 )
-from wan_local.models.vae_blocks import CausalConv3d, CausalVideoVAE, FeatureCache
+from wan_local.models.vae_blocks import CausalVideoVAE, FeatureCache
 from wan_local.weights.loading import load_vae
 
 VAE_FILES = {"wan2.1": "t2v-A14B/Wan2.1_VAE.pth", "wan2.2": "ti2v-5B/Wan2.2_VAE.pth"}
@@ -116,18 +117,14 @@ class _LocalVAE(CausalVideoVAE):
     latent_std = (1.0, 2.0, 0.5, 1.5)
 
     def __init__(self) -> None:
-        super().__init__()
+        # z 4; temporal stride 2**2 = 4; spatial stride 2**(2-1) = 2.
+        cfg = SimpleNamespace(z_dim=4, temporal_downsample=(True, True), dim_mult=(1, 1))
+        super().__init__(cfg, nn.Identity(), nn.Identity())
         gen = torch.Generator().manual_seed(1)
-        self.conv1 = CausalConv3d(8, 8, 1)
-        self.conv2 = CausalConv3d(4, 4, 1)
         self.to_rgb = nn.Conv3d(4, 3, 1)
         self.to_latent = nn.Conv3d(3, 8, 1)
         for p in self.parameters():
             p.data = torch.randn(p.shape, generator=gen)
-
-    z_dim = property(lambda self: 4)
-    temporal_stride = property(lambda self: 4)
-    spatial_stride = property(lambda self: 2)
 
     def _decode_features(self, z: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         x = torch.tanh(self.to_rgb(z)).repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)

@@ -164,29 +164,8 @@ class WanVAE21(CausalVideoVAE):
     latent_std = LATENT_STD
 
     def __init__(self, cfg: VAE21Config | None = None) -> None:
-        super().__init__()
-        self.config = cfg = cfg or VAE21Config()
-        if cfg.z_dim != len(LATENT_MEAN):
-            raise ValueError(f"the Wan2.1 latent statistics have {len(LATENT_MEAN)} channels; z_dim={cfg.z_dim}")
-        self.encoder = Encoder21(cfg)
-        self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
-        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
-        self.decoder = Decoder21(cfg)
-
-    @property
-    def z_dim(self) -> int:
-        """Latent channels (16)."""
-        return self.config.z_dim
-
-    @property
-    def temporal_stride(self) -> int:
-        """Video frames per latent frame after the first (4)."""
-        return 2 ** sum(self.config.temporal_downsample)
-
-    @property
-    def spatial_stride(self) -> int:
-        """Pixels per latent position (8)."""
-        return 2 ** (len(self.config.dim_mult) - 1)
+        cfg = cfg or VAE21Config()
+        super().__init__(cfg, Encoder21(cfg), Decoder21(cfg))
 
     def _encode_features(self, frames: Tensor, cache: FeatureCache) -> Tensor:
         return self.encoder(frames, cache)

@@ -303,31 +303,11 @@ class WanVAE22(CausalVideoVAE):
 
     latent_mean = LATENT_MEAN
     latent_std = LATENT_STD
+    patch = PATCH
 
     def __init__(self, cfg: VAE22Config | None = None) -> None:
-        super().__init__()
-        self.config = cfg = cfg or VAE22Config()
-        if cfg.z_dim != len(LATENT_MEAN):
-            raise ValueError(f"the Wan2.2 latent statistics have {len(LATENT_MEAN)} channels; z_dim={cfg.z_dim}")
-        self.encoder = Encoder22(cfg)
-        self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
-        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
-        self.decoder = Decoder22(cfg)
-
-    @property
-    def z_dim(self) -> int:
-        """Latent channels (48)."""
-        return self.config.z_dim
-
-    @property
-    def temporal_stride(self) -> int:
-        """Video frames per latent frame after the first (4)."""
-        return 2 ** sum(self.config.temporal_downsample)
-
-    @property
-    def spatial_stride(self) -> int:
-        """Pixels per latent position (16 = 2x2 patch times 8)."""
-        return PATCH * 2 ** (len(self.config.dim_mult) - 1)
+        cfg = cfg or VAE22Config()
+        super().__init__(cfg, Encoder22(cfg), Decoder22(cfg))
 
     def _encode_features(self, frames: Tensor, cache: FeatureCache) -> Tensor:
         return self.encoder(patchify(frames), cache)

@@ -322,9 +322,9 @@ def _latent_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch
 class CausalVideoVAE(nn.Module):
     """Chunked causal encode/decode shared by both Wan VAEs (fact sheet §5.2, §5.4).
 
-    Subclasses define `encoder`, `conv1` (1x1x1, 2z -> 2z), `conv2` (1x1x1, z -> z), `decoder`, the latent
-    statistics `latent_mean` / `latent_std` (class attributes, z floats each), the properties below, and
-    `_encode_features` / `_decode_features` (one chunk through the encoder / decoder stack).
+    Subclasses pass their config, encoder and decoder to `__init__` (which adds `conv1`, 1x1x1 2z -> 2z, and
+    `conv2`, 1x1x1 z -> z), set the latent statistics `latent_mean` / `latent_std` (class attributes, z floats
+    each) and `patch`, and define `_encode_features` / `_decode_features` (one chunk through the stacks).
 
     Encode: frame 0 alone, then groups of `temporal_stride` frames, one latent frame per chunk; decode: one latent
     frame per chunk -> 1 frame for the first, `temporal_stride` frames for every later one.
@@ -332,21 +332,35 @@ class CausalVideoVAE(nn.Module):
 
     latent_mean: tuple[float, ...] = ()
     latent_std: tuple[float, ...] = ()
+    #: Input pixels folded into channels per side before the encoder (Wan2.2: 2; Wan2.1: 1).
+    patch: int = 1
+
+    def __init__(self, cfg, encoder: nn.Module, decoder: nn.Module) -> None:
+        super().__init__()
+        if cfg.z_dim != len(self.latent_mean):
+            raise ValueError(
+                f"the {type(self).__name__} latent statistics have {len(self.latent_mean)} channels; z_dim={cfg.z_dim}"
+            )
+        self.config = cfg
+        self.encoder = encoder
+        self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
+        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = decoder
 
     @property
     def z_dim(self) -> int:
-        """Latent channels."""
-        raise NotImplementedError
+        """Latent channels (16 for Wan2.1, 48 for Wan2.2)."""
+        return self.config.z_dim
 
     @property
     def temporal_stride(self) -> int:
-        """Video frames per latent frame (after the first)."""
-        raise NotImplementedError
+        """Video frames per latent frame after the first (4)."""
+        return 2 ** sum(self.config.temporal_downsample)
 
     @property
     def spatial_stride(self) -> int:
-        """Pixels per latent position along H and W."""
-        raise NotImplementedError
+        """Pixels per latent position along H and W (8 for Wan2.1; 16 = 2x2 patch times 8 for Wan2.2)."""
+        return self.patch * 2 ** (len(self.config.dim_mult) - 1)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -20,11 +20,10 @@ from wan_local.memory import estimate
 from wan_local.options import (
     add_generation_options,
     add_memory_options,
+    generation_fields,
     memory_overrides,
-    parse_guide_scale,
     resolve_memory,
 )
-from wan_local.specs import parse_size
 
 log = logging.getLogger("wan_local")
 
@@ -67,19 +66,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         log.warning("no CUDA device found: running on the CPU (very slow at real sizes)")
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    settings = GenerationSettings(
-        task=args.task,
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        image=str(args.image) if args.image else None,
-        size=parse_size(args.size) if args.size else None,
-        frames=args.frames,
-        steps=args.steps,
-        shift=args.shift,
-        guide_scale=parse_guide_scale(args.guide_scale) if args.guide_scale else None,
-        solver=args.solver,
-        seed=args.seed,
-    ).resolve()
+    settings = GenerationSettings(**generation_fields(args)).resolve()
     if args.output is not None and args.output.suffix.lower() != ".mp4":
         raise InputError(f"--output {args.output} must end in .mp4")
     print(f"seed: {settings.seed}", flush=True)

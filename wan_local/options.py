@@ -43,6 +43,25 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--output", type=Path, help="output .mp4 (default: outputs/<task>_<size>_<prompt>_<time>.mp4)")
 
 
+def generation_fields(args: argparse.Namespace) -> dict[str, object]:
+    """The fields of GenerationSettings given by the options of `add_generation_options` (parsed, unresolved)."""
+    from wan_local.specs import parse_size
+
+    return {
+        "task": args.task,
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "image": str(args.image) if args.image else None,
+        "size": parse_size(args.size) if args.size else None,
+        "frames": args.frames,
+        "steps": args.steps,
+        "shift": args.shift,
+        "guide_scale": parse_guide_scale(args.guide_scale) if args.guide_scale else None,
+        "solver": args.solver,
+        "seed": args.seed,
+    }
+
+
 def add_memory_options(parser: argparse.ArgumentParser) -> None:
     """Flags of the low-VRAM engine. Unset flags come from the preset ("auto": picked for this machine)."""
     from wan_local.memory import options as m

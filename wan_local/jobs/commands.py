@@ -12,25 +12,19 @@ from pathlib import Path
 
 from wan_local.jobs.store import STATES, Job, JobSettings, JobStore
 from wan_local.jobs.worker import add_worker_options
-from wan_local.options import add_generation_options, add_memory_options, memory_overrides, parse_guide_scale
-from wan_local.specs import parse_size
+from wan_local.options import (
+    add_generation_options,
+    add_memory_options,
+    generation_fields,
+    memory_overrides,
+)
 
 
 def settings_from_args(args: argparse.Namespace) -> JobSettings:
     """JobSettings from parsed generation options (see `add_generation_options`)."""
     return JobSettings(
-        task=args.task,
+        **generation_fields(args),
         ckpt_dir=str(args.ckpt_dir),
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        image=str(args.image) if args.image else None,
-        size=parse_size(args.size) if args.size else None,
-        frames=args.frames,
-        steps=args.steps,
-        shift=args.shift,
-        guide_scale=parse_guide_scale(args.guide_scale) if args.guide_scale else None,
-        solver=args.solver,
-        seed=args.seed,
         device=args.device,
         dtype=args.dtype,
         preset=getattr(args, "preset", None),

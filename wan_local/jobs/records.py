@@ -66,18 +66,14 @@ class JobSettings:
         values["memory"] = dict(values.get("memory") or {})
         return cls(**values)
 
-    def check(self) -> None:
-        """Validate like `wan-local generate` would; raise InputError naming the first bad setting.
-
-        Imports the pipeline module (and torch) on first use; the image is decoded to catch broken files.
-        """
-        from wan_local.memory.options import MemoryOptions
+    def generation(self, seed: int):
+        """The GenerationSettings of this job with `seed` (the job's resolved seed when it runs)."""
         from wan_local.pipeline import GenerationSettings
-        from wan_local.video import load_image
 
-        GenerationSettings(
+        return GenerationSettings(
             task=self.task,
             prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
             image=self.image,
             size=self.size,
             frames=self.frames,
@@ -85,8 +81,18 @@ class JobSettings:
             shift=self.shift,
             guide_scale=self.guide_scale,
             solver=self.solver,
-            seed=max(self.seed, 0),
-        ).resolve()
+            seed=seed,
+        )
+
+    def check(self) -> None:
+        """Validate like `wan-local generate` would; raise InputError naming the first bad setting.
+
+        Imports the pipeline module (and torch) on first use; the image is decoded to catch broken files.
+        """
+        from wan_local.memory.options import MemoryOptions
+        from wan_local.video import load_image
+
+        self.generation(max(self.seed, 0)).resolve()
         if not Path(self.ckpt_dir).is_dir():
             raise InputError(f"checkpoint folder {self.ckpt_dir} does not exist")
         if self.device not in (None, "cuda", "cpu"):

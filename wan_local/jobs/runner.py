@@ -179,24 +179,10 @@ class PipelineRunner:
         """Generate `job`'s video, save it with its settings embedded, return the path."""
         import torch
 
-        from wan_local.pipeline import GenerationSettings
-
         s = job.settings
         device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype_name = s.dtype or ("bf16" if device == "cuda" else "fp32")
-        settings = GenerationSettings(
-            task=s.task,
-            prompt=s.prompt,
-            negative_prompt=s.negative_prompt,
-            image=s.image,
-            size=s.size,
-            frames=s.frames,
-            steps=s.steps,
-            shift=s.shift,
-            guide_scale=s.guide_scale,
-            solver=s.solver,
-            seed=job.resolved_seed,
-        ).resolve()
+        settings = s.generation(job.resolved_seed).resolve()
         from wan_local.options import resolve_memory
 
         preset, memory = resolve_memory(s.preset, dict(s.memory), device)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from wan_local.machine import GIB, MachineInfo
-from wan_local.presets import Preset, fallback_chain, ram_safety_margin_bytes
+from wan_local.presets import Preset, admit
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +60,6 @@ def load_components(model_dir: str | Path | None, task: str) -> Any:
     except Exception as exc:  # optional refinement, like load_dit_config
         log.debug("no component sizes from %s: %s", model_dir, exc)
         return None
-
-
-def _plan_error() -> type[Exception]:
-    try:
-        from wan_local.memory.plan import PlanError
-    except ImportError:
-        return _NeverRaised
-    return PlanError
-
-
-class _NeverRaised(Exception):
-    """Stands in for PlanError when the planner is not installed."""
 
 
 def gib(n_bytes: float) -> str:
@@ -126,19 +114,6 @@ class Prediction:
         return f"{icon} **Prediction{what}:** {self.figures()}\n\n{self.message}"
 
 
-def _overrun(preset: Preset, vram: int, ram: int, machine: MachineInfo, ram_limit: int, margin: int) -> str | None:
-    if not preset.cpu_only and not machine.has_gpu:
-        return "needs a CUDA GPU, and none was found"
-    if not preset.cpu_only and vram > machine.vram_total_bytes:
-        return f"would need {gib(vram)} VRAM, more than the card's {gib(machine.vram_total_bytes)}"
-    if ram > ram_limit:
-        return (
-            f"would need {gib(ram)} RAM, more than the {gib(ram_limit)} usable "
-            f"({gib(machine.ram_available_bytes)} available minus {gib(margin)} kept free)"
-        )
-    return None
-
-
 def predict(
     *,
     task: str,
@@ -152,48 +127,20 @@ def predict(
     dit_config: Any = None,
     components: Any = None,
 ) -> Prediction:
-    """Estimate the job with `requested`'s memory options, degrading along its fallback chain, or refuse it."""
+    """Estimate the job with `requested`'s memory options, degrading along its fallback chain, or refuse it
+    (presets.admit decides; this adds the estimate shown in the panel)."""
     if estimator is None:
         return Prediction(requested, requested, None, f"No estimate available; the job runs with '{requested.label}'.")
-    plan_error = _plan_error()
-    margin = ram_safety_margin_bytes(machine)
-    ram_limit = machine.ram_available_bytes - margin
-    problems: list[str] = []
-    last = None
-    for candidate in fallback_chain(requested, presets):
-        try:
-            est = estimator(task, size, frames, steps, candidate.memory, machine, dit_config, components=components)
-        except plan_error as exc:
-            problems.append(f"with '{candidate.label}': {exc}")
-            continue
-        except Exception as exc:  # the estimate is advisory: its failure must never block queueing
-            log.warning("estimate failed for %s %s: %s", task, size, exc, exc_info=True)
-            return Prediction(
-                requested, requested, None, f"No estimate ({exc}); the job runs with '{requested.label}'."
-            )
-        last = est
-        vram, ram = int(est.peak_vram_bytes), int(est.peak_ram_bytes)
-        problem = _overrun(candidate, vram, ram, machine, ram_limit, margin)
-        if problem is None:
-            fits = f"fits in {gib(ram_limit)} of usable RAM" + (
-                "" if candidate.cpu_only else f" and the card's {gib(machine.vram_total_bytes)}"
-            )
-            if candidate is requested:
-                return Prediction(requested, candidate, est, f"Fits with '{requested.label}': {fits}.")
-            message = (
-                f"Runs with '{candidate.label}' instead of '{requested.label}' ({'; '.join(problems)}); "
-                f"with '{candidate.label}' it {fits}." + _paging_note(problems)
-            )
-            return Prediction(requested, candidate, est, message)
-        problems.append(f"with '{candidate.label}' it {problem}")
-    message = (
-        f"Not queued: this job does not fit this machine with any preset it can fall back to ({'; '.join(problems)}). "
-        "Try fewer frames, a smaller size or TI2V-5B, or close other programs to free RAM." + _paging_note(problems)
-    )
-    return Prediction(requested, None, last, message)
+    estimates: list[Any] = []
 
+    def estimate(options) -> tuple[int, int]:
+        est = estimator(task, size, frames, steps, options, machine, dit_config, components=components)
+        estimates.append(est)
+        return int(est.peak_vram_bytes), int(est.peak_ram_bytes)
 
-def _paging_note(problems: list[str]) -> str:
-    if any("RAM, more than" in problem or " of RAM " in problem for problem in problems):
-        return " (RAM is kept free because going past it makes the OS page to disk and the whole PC freeze.)"
-    return ""
+    try:
+        admission = admit(estimate, machine, requested, presets, refused="Not queued")
+    except Exception as exc:  # the estimate is advisory: its failure must never block queueing
+        log.warning("estimate failed for %s %s: %s", task, size, exc, exc_info=True)
+        return Prediction(requested, requested, None, f"No estimate ({exc}); the job runs with '{requested.label}'.")
+    return Prediction(requested, admission.preset, estimates[-1] if estimates else None, admission.message)

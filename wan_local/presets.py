@@ -376,35 +376,47 @@ def admit(
     presets: Mapping[str, Preset],
     *,
     ram_margin_bytes: int | None = None,
+    refused: str = "Not started",
 ) -> Admission:
     """Check a job against the machine now; degrade it along `preset`'s fallback chain or refuse it.
 
-    `estimate(options)` returns the job's predicted (peak_vram_bytes, peak_ram_bytes) with those options. A
-    preset fits when its peak RAM is at most `machine.ram_available_bytes - margin` (default
+    `estimate(options)` returns the job's predicted (peak_vram_bytes, peak_ram_bytes) with those options, or
+    raises PlanError when the planner finds they cannot work (that preset then does not fit, for the planner's
+    reason). A preset fits when its peak RAM is at most `machine.ram_available_bytes - margin` (default
     `ram_safety_margin_bytes`: going past it makes the OS page and the PC freeze) and its peak VRAM is at most
     the card's total (CPU presets: no VRAM check). The first preset of the chain that fits is returned.
+    `refused` starts the message of a refusal ("Not started" in the worker, "Not queued" in the UI).
     """
+    from wan_local.memory.plan import PlanError  # imported here: the planner is not needed to load presets
+
     margin = ram_safety_margin_bytes(machine) if ram_margin_bytes is None else ram_margin_bytes
     ram_limit = machine.ram_available_bytes - margin
     problems: list[str] = []
     vram_peak = ram_peak = 0
     for candidate in fallback_chain(preset, presets):
-        vram_peak, ram_peak = estimate(candidate.memory)
+        try:
+            vram_peak, ram_peak = estimate(candidate.memory)
+        except PlanError as exc:
+            problems.append(f"with '{candidate.label}': {exc}")
+            continue
         problem = _overrun(candidate, vram_peak, ram_peak, machine, ram_limit, margin)
         if problem is None:
-            fits = f"predicted peaks {_gib(vram_peak)} VRAM and {_gib(ram_peak)} RAM of {_gib(ram_limit)} usable"
+            fits = f"fits in {_gib(ram_limit)} of usable RAM" + (
+                "" if candidate.cpu_only else f" and the card's {_gib(machine.vram_total_bytes)}"
+            )
             if candidate is preset:
                 return Admission(preset, candidate, vram_peak, ram_peak, f"Fits with '{preset.label}': {fits}.")
             message = (
-                f"Running with '{candidate.label}' instead of '{preset.label}' ({'; '.join(problems)}): {fits}."
-                + _paging_note(problems)
+                f"Runs with '{candidate.label}' instead of '{preset.label}' ({'; '.join(problems)}); "
+                f"with '{candidate.label}' it {fits}." + _paging_note(problems)
             )
             log.info("job degraded: %s", message)
             return Admission(preset, candidate, vram_peak, ram_peak, message)
         problems.append(f"with '{candidate.label}' it {problem}")
     message = (
-        f"Not started: this job does not fit this machine with any preset it can fall back to ({'; '.join(problems)}). "
-        "Try fewer frames, a smaller size or TI2V-5B, or close other programs to free RAM." + _paging_note(problems)
+        f"{refused}: this job does not fit this machine with any preset it can fall back to "
+        f"({'; '.join(problems)}). Try fewer frames, a smaller size or TI2V-5B, or close other programs to free "
+        "RAM." + _paging_note(problems)
     )
     log.info("job refused: %s", message)
     return Admission(preset, None, vram_peak, ram_peak, message)
@@ -426,7 +438,7 @@ def _overrun(
 
 
 def _paging_note(problems: list[str]) -> str:
-    if any(" RAM, more than " in problem for problem in problems):
+    if any(" RAM, more than " in problem or " of RAM " in problem for problem in problems):
         return " (RAM is kept free because going past it makes the OS page to disk and the whole PC freeze.)"
     return ""
 

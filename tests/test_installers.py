@@ -9,10 +9,12 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -639,6 +641,12 @@ def _copy_project(dest: Path) -> None:
             shutil.copy2(src, dest / rel)
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _run(script: Path, *args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         ["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
@@ -682,8 +690,25 @@ def test_run_sh_sets_up_a_fresh_copy_then_only_launches(tmp_path):
     assert marker["torch"]["requirement"] == "torch==2.13.0" and marker["installed_torch"] == "2.13.0+cpu"
     log = (project / ".venv" / se.LOG_NAME).read_text()
     assert "set-up started" in log and "CPU build: no NVIDIA GPU found." in log and "set-up completed" in log
-    if (project / "app.py").exists():
-        subprocess.run([str(python), "app.py", "--help"], cwd=project, capture_output=True, check=True, timeout=300)
+    # The installed app really starts: it serves its page on 127.0.0.1 (no browser, no worker).
+    port = _free_port()
+    app_env = {**env, "WAN_LOCAL_HOME": str(tmp_path / "home")}
+    app = subprocess.Popen(
+        [str(python), "app.py", "--port", str(port), "--no-browser", "--no-worker"],
+        cwd=project, env=app_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline, status = time.monotonic() + 120, None
+        while time.monotonic() < deadline and app.poll() is None and status is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                    status = response.status
+            except OSError:
+                time.sleep(0.5)
+        assert status == 200, f"app did not start: {app.stderr.read().decode()[-2000:] if app.poll() else 'timeout'}"
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
 
     # A later run only launches, passing the app's options through (a stand-in app records them).
     (project / "app.py").write_text(

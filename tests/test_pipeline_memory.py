@@ -116,3 +116,31 @@ def test_vae_tiling_on_decodes_through_tiles(tiny, tmp_path, golden, monkeypatch
     assert not torch.equal(video, pipe.vae.decode(latent[None])[0]), "the latent was really split into tiles"
     off = WanPipeline(tiny / "ti2v-5B", "ti2v-5B", "cpu", torch.float32, cache_dir=tmp_path)
     assert rel_l2(off.decode(latent), golden("ti2v_5b_t2v")["video"]) <= 1e-5, "auto without a plan: untiled"
+
+
+@pytest.mark.parametrize("solver", ["unipc", "dpm++", "euler"])
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny, tmp_path, solver):
+    """A latent + solver state saved after step k resumes the job in a new pipeline, bit for bit."""
+    settings = _settings(solver=solver)
+    full = WanPipeline(tiny / "t2v-A14B", "t2v-A14B", "cpu", torch.float32, cache_dir=tmp_path).generate(settings)
+    saved = {}
+
+    def crash_after_step_3(event):
+        if event.index == 2:
+            path = tmp_path / "checkpoint.pt"
+            torch.save({"latent": event.latent, "solver": event.solver_state()}, path)
+            saved["path"] = path
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        WanPipeline(tiny / "t2v-A14B", "t2v-A14B", "cpu", torch.float32, cache_dir=tmp_path).generate(
+            settings, on_step=crash_after_step_3
+        )
+    checkpoint = torch.load(saved["path"], weights_only=True)
+    steps = []
+    resumed = WanPipeline(tiny / "t2v-A14B", "t2v-A14B", "cpu", torch.float32, cache_dir=tmp_path).generate(
+        settings, on_step=lambda e: steps.append(e.index), resume=(checkpoint["latent"], checkpoint["solver"])
+    )
+    assert steps == [3, 4, 5]
+    assert torch.equal(resumed.latent, full.latent)
+    assert torch.equal(resumed.video, full.video)

@@ -4,6 +4,7 @@ running the tiny models that is killed mid-job, restarted, and loses nothing."""
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -169,7 +170,10 @@ def test_worker_process_survives_sigkill(tiny, tmp_path, capsys):
 
     env = {**os.environ, "WAN_LOCAL_HOME": str(tmp_path)}
     entry = ("-m", "wan_local.jobs.worker")
-    first = spawn_worker(store.path, once=True, entry=entry, log_path=tmp_path / "w1.log", env=env)
+    every_step = ("--checkpoint-every-s", "0")  # a resume point after every step
+    first = spawn_worker(
+        store.path, once=True, entry=entry, extra_args=every_step, log_path=tmp_path / "w1.log", env=env
+    )
     try:
         _wait("job 1 mid-way", lambda: store.get(killed.id).progress.step >= 3, proc=first)
         first.kill()  # SIGKILL: no cleanup of any kind
@@ -177,7 +181,9 @@ def test_worker_process_survives_sigkill(tiny, tmp_path, capsys):
         killed_at = time.monotonic()
         assert store.get(killed.id).state == "running"  # what a crash leaves behind
 
-        second = spawn_worker(store.path, once=True, entry=entry, log_path=tmp_path / "w2.log", env=env)
+        second = spawn_worker(
+            store.path, once=True, entry=entry, extra_args=every_step, log_path=tmp_path / "w2.log", env=env
+        )
         _wait("the re-run", lambda: store.get(killed.id).attempts == 2, proc=second)
         claimed_s = time.monotonic() - killed_at
         _wait("its first step", lambda: store.get(killed.id).progress.step >= 1, proc=second)
@@ -199,6 +205,9 @@ def test_worker_process_survives_sigkill(tiny, tmp_path, capsys):
 
     jobs = {j.id: j for j in store.list()}
     assert set(jobs) == {killed.id, broken.id, after.id, cancel.id}  # nothing lost
+    resumed = re.search(rf"job {killed.id}: resuming after denoise step (\d+)", (tmp_path / "w2.log").read_text())
+    assert resumed and int(resumed.group(1)) >= 3, "the killed job continues from its last resume point"
+    assert not (tmp_path / "resume" / f"job{killed.id}.pt").exists(), "a finished job's resume point is removed"
     done = jobs[killed.id]
     assert (done.state, done.attempts, done.error) == ("done", 2, None)
     meta = read_settings(Path(done.output_path))

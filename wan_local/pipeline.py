@@ -261,8 +261,13 @@ class WanPipeline:
         on_step: Callable[[StepEvent], None] | None = None,
         on_stage: Callable[[str], None] | None = None,
         cancel: CancelToken | None = None,
+        resume: tuple[torch.Tensor, dict] | None = None,
     ) -> GenerationResult:
-        """Run all stages; `on_stage(name)` is told when each starts, `on_step` after every denoise step."""
+        """Run all stages; `on_stage(name)` is told when each starts, `on_step` after every denoise step.
+
+        resume: (latent, solver state) taken from a StepEvent of an earlier, interrupted run of the same settings;
+        denoising continues after that step and the result equals an uninterrupted run.
+        """
         s = settings.resolve()
         if s.task != self.spec.name:
             raise InputError(f"this pipeline runs {self.spec.name}, not {s.task}")
@@ -288,7 +293,7 @@ class WanPipeline:
             context, negative = self.encode_prompts(s.prompt, s.negative_prompt or self.spec.negative_prompt)
             stage("condition")
             conditioning = self.build_conditioning(s, image, plan)
-            noise = self.noise(conditioning.latent_shape, s.seed)
+            noise = resume[0].to(self.device) if resume else self.noise(conditioning.latent_shape, s.seed)
             if conditioning.y is not None:
                 conditioning.y = conditioning.y.to(self.device)
 
@@ -306,8 +311,10 @@ class WanPipeline:
             if self.spec.two_experts:
                 self.experts.prefetch(LOW_NOISE)  # read while the high-noise expert computes, if RAM allows
             with torch.no_grad(), use_attention_backend(self.memory.attention):
+                solver = make_solver(s.solver, schedule)
+                resume_state = resume[1] if resume else None
                 latent = denoise(
-                    noise, schedule, make_solver(s.solver, schedule), guidance, on_step=on_step, cancel=cancel
+                    noise, schedule, solver, guidance, on_step=on_step, cancel=cancel, resume_state=resume_state
                 )
             self.experts.park()
 

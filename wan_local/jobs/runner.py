@@ -143,6 +143,63 @@ def default_output_name(job: Job, task: str, size: tuple[int, int]) -> str:
     return f"job{job.id:05d}_{task}_{size[0]}x{size[1]}_{words}.mp4"
 
 
+class ResumePoints:
+    """Latent + solver-state checkpoints of running jobs, so a crash or restart costs minutes, not the job.
+
+    One file per job (`job<id>.pt`, written atomically at most every `every_s` seconds) holding the latent after a
+    denoise step, the solver's state and a key of everything that determines the result (settings, seed, device,
+    dtype, memory options). A job resumes only from a file with its exact key; the file is deleted when the job
+    finishes or fails, and kept when it is cancelled or interrupted (a retry continues from it).
+    """
+
+    def __init__(self, folder: Path, every_s: float = 60.0) -> None:
+        self.folder = Path(folder)
+        self.every_s = every_s
+
+    def path(self, job_id: int) -> Path:
+        return self.folder / f"job{job_id}.pt"
+
+    @staticmethod
+    def key(job: Job, device: str, dtype: str, memory: MemoryOptions) -> str:
+        import dataclasses
+        import hashlib
+        import json
+
+        recipe = [job.settings.to_dict(), job.resolved_seed, device, dtype, dataclasses.asdict(memory)]
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
+
+    def load(self, job_id: int, key: str):
+        """(latent, solver state) saved for this job and key, or None."""
+        import torch
+
+        path = self.path(job_id)
+        if not path.is_file():
+            return None
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, EOFError, ValueError) as exc:
+            log.warning("job %d: unreadable resume point %s (%s); starting over", job_id, path, exc)
+            return None
+        if saved.get("key") != key:
+            log.info("job %d: resume point is for other settings; starting over", job_id)
+            return None
+        return saved["latent"], saved["solver"]
+
+    def save(self, job_id: int, key: str, latent, solver_state: dict) -> None:
+        import os
+
+        import torch
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.path(job_id)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"key": key, "latent": latent.detach().cpu(), "solver": solver_state}, tmp)
+        os.replace(tmp, path)
+
+    def discard(self, job_id: int) -> None:
+        self.path(job_id).unlink(missing_ok=True)
+
+
 class PipelineRunner:
     """Runs jobs with WanPipeline; keeps the last two pipelines (keyed by ckpt_dir, task, device, dtype, memory).
 
@@ -150,10 +207,18 @@ class PipelineRunner:
     written every `preview_every` steps.
     """
 
-    def __init__(self, output_dir: Path, preview_dir: Path, *, preview_every: int = 1) -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        preview_dir: Path,
+        *,
+        preview_every: int = 1,
+        resume_points: ResumePoints | None = None,
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.preview_dir = Path(preview_dir)
         self.preview_every = max(1, preview_every)
+        self.resume_points = resume_points
         self._pipelines: dict[tuple, WanPipeline] = {}
 
     def _pipeline(self, ckpt_dir: str, task: str, device: str, dtype_name: str, memory: MemoryOptions) -> WanPipeline:
@@ -186,10 +251,11 @@ class PipelineRunner:
         from wan_local.options import resolve_memory
 
         preset, memory = resolve_memory(s.preset, dict(s.memory), device)
+        resume_key = ResumePoints.key(job, device, dtype_name, memory)
         oom: str | None = None
         try:
             pipeline = self._pipeline(s.ckpt_dir, settings.task, device, dtype_name, memory)
-            result = self._generate(pipeline, job, settings, on_progress, cancel)
+            result = self._generate(pipeline, job, settings, on_progress, cancel, resume_key)
             on_progress(Progress("save", settings.steps, settings.steps))
             output = Path(s.output) if s.output else self.output_dir / default_output_name(job, s.task, settings.size)
             metadata: dict[str, Any] = {
@@ -203,10 +269,14 @@ class PipelineRunner:
             }
             from wan_local.video import save_video
 
-            return save_video(result.video, output, result.fps, metadata)
+            saved = save_video(result.video, output, result.fps, metadata)
+            self._discard_resume_point(job)
+            return saved
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):
+                self._discard_resume_point(job)
                 raise
+            self._discard_resume_point(job)  # the retry runs with other memory options: a different key
             oom = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         # Out of the except block, so the failed frames (and the tensors they hold) can be freed first.
         self.close()
@@ -218,9 +288,26 @@ class PipelineRunner:
             "fewer frames, or close other programs that use the GPU"
         )
 
-    def _generate(self, pipeline, job: Job, settings, on_progress: Callable[[Progress], None], cancel: CancelToken):
+    def _discard_resume_point(self, job: Job) -> None:
+        if self.resume_points is not None:
+            self.resume_points.discard(job.id)
+
+    def _generate(
+        self,
+        pipeline,
+        job: Job,
+        settings,
+        on_progress: Callable[[Progress], None],
+        cancel: CancelToken,
+        resume_key: str,
+    ):
         timer = StepTimer()
         preview = self.preview_dir / f"job{job.id}.png"
+        points = self.resume_points
+        resume = points.load(job.id, resume_key) if points is not None else None
+        if resume is not None:
+            log.info("job %d: resuming after denoise step %d", job.id, int(resume[1]["next_index"]))
+        last_saved = time.monotonic()
 
         def on_stage(name: str) -> None:
             if name == "denoise":
@@ -233,6 +320,10 @@ class PipelineRunner:
             path = None
             if done % self.preview_every == 0 or done == event.total:
                 path = str(write_preview(event.latent, preview))
+            nonlocal last_saved
+            if points is not None and done < event.total and time.monotonic() - last_saved >= points.every_s:
+                points.save(job.id, resume_key, event.latent, event.solver_state())
+                last_saved = time.monotonic()
             on_progress(Progress("denoise", done, event.total, eta, path))
 
-        return pipeline.generate(settings, on_step=on_step, on_stage=on_stage, cancel=cancel)
+        return pipeline.generate(settings, on_step=on_step, on_stage=on_stage, cancel=cancel, resume=resume)

@@ -254,6 +254,12 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-oom-retry", action="store_true", help="never re-queue a job after out of memory")
     parser.add_argument("--preview-every", type=int, default=1, help="write a latent preview every N steps")
+    parser.add_argument(
+        "--checkpoint-every-s",
+        type=float,
+        default=60.0,
+        help="save a resume point (latent + solver state) at most this often; a restarted job continues from it",
+    )
     parser.set_defaults(func=worker_command)
 
 
@@ -272,10 +278,13 @@ def fallback_preset(name: str | None) -> str | None:
 
 def worker_command(args: argparse.Namespace, lower_preset: LowerPreset | None = fallback_preset) -> int:
     """Run the worker for parsed `args`; SIGTERM / first Ctrl-C stop it gracefully (the job is re-queued)."""
-    from wan_local.jobs.runner import PipelineRunner
+    from wan_local.jobs.runner import PipelineRunner, ResumePoints
 
     store = JobStore(args.store)
-    runner = PipelineRunner(store.outputs_dir, store.previews_dir, preview_every=args.preview_every)
+    resume_points = ResumePoints(store.folder / "resume", every_s=args.checkpoint_every_s)
+    runner = PipelineRunner(
+        store.outputs_dir, store.previews_dir, preview_every=args.preview_every, resume_points=resume_points
+    )
     stop = threading.Event()
 
     def handle(signum: int, _frame) -> None:

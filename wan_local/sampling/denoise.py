@@ -39,7 +39,11 @@ class CancelToken:
 
 @dataclass(frozen=True)
 class StepEvent:
-    """Reported after every solver step: `index` counts from 0; `latent` is the new latent (do not modify)."""
+    """Reported after every solver step: `index` counts from 0; `latent` is the new latent (do not modify).
+
+    `solver_state()` returns what, with `latent`, resumes the loop after this step (see `denoise`); the tensors
+    are shared with the solver, so save them before the next step if you keep them.
+    """
 
     index: int
     total: int
@@ -47,6 +51,7 @@ class StepEvent:
     expert: str
     guide_scale: float
     latent: torch.Tensor
+    solver_state: Callable[[], dict] = dict
 
 
 def expert_for(timestep: int, boundary_timestep: float | None) -> str:
@@ -104,20 +109,28 @@ def denoise(
     *,
     on_step: Callable[[StepEvent], None] | None = None,
     cancel: CancelToken | None = None,
+    resume_state: dict | None = None,
 ) -> torch.Tensor:
-    """Run every step of `schedule` from `latent` (the noise); return the final latent (float32).
+    """Run the steps of `schedule` from `latent` (the noise); return the final latent (float32).
 
     The conditioning's pinned frame (TI2V image-to-video) is imposed on the initial latent and after every step;
-    the solver sees the full model output, as the reference does.
+    the solver sees the full model output, as the reference does. With `resume_state` (a StepEvent's
+    `solver_state()`) and that event's latent as `latent`, the loop continues after the saved step and ends
+    bit-identical to an uninterrupted run.
     """
     conditioning = guidance.conditioning
     latent = conditioning.impose(latent.float())
+    start = 0
+    if resume_state is not None:
+        solver.load_state_dict(resume_state)
+        start = solver.next_index
     total = len(schedule.timesteps)
-    for index, timestep in enumerate(schedule.timesteps):
+    for index in range(start, total):
+        timestep = schedule.timesteps[index]
         if cancel is not None:
             cancel.raise_if_cancelled()
         velocity, expert, scale = guidance(latent, timestep)
         latent = conditioning.impose(solver.step(velocity, latent, index))
         if on_step is not None:
-            on_step(StepEvent(index, total, int(timestep), expert, scale, latent))
+            on_step(StepEvent(index, total, int(timestep), expert, scale, latent, solver.state_dict))
     return latent

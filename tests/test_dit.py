@@ -268,3 +268,187 @@ def test_attention_backend_context(monkeypatch):
     assert attn._backend.get() == "auto"
     with pytest.raises(ValueError, match="not one of"), attn.use_backend("xformers"):
         pass
+
+
+# ------------------------------------------------------------------------------ memory-lean block: same numerics
+
+
+def _reference_block_forward(block, x, e0, context, rope, t_index):
+    """DiTBlock maths written the straightforward way (the reference's expressions, every temporary kept)."""
+
+    def rms(norm, y):
+        yf = y.float()
+        return (yf * torch.rsqrt(yf.pow(2).mean(dim=-1, keepdim=True) + norm.eps)).type_as(y) * norm.weight
+
+    def attn(module, xq, source, rope=None):
+        n = module.num_heads
+        q = rms(module.norm_q, module.q(xq)).unflatten(-1, (n, -1))
+        k = rms(module.norm_k, module.k(source)).unflatten(-1, (n, -1))
+        v = module.v(source).unflatten(-1, (n, -1))
+        if rope is not None:
+            q, k = dit_module.apply_rope(q, rope), dit_module.apply_rope(k, rope)
+        return module.o(attention(q, k, v).flatten(2))
+
+    m = [u[t_index] for u in (block.modulation[0] + e0).unbind(1)]  # [B, 1 or L, C] each
+    a = block.norm1(x).float() * (1 + m[1]) + m[0]
+    x = x + attn(block.self_attn, a, a, rope) * m[2]
+    x = x + attn(block.cross_attn, block.norm3(x), context)
+    b = block.norm2(x).float() * (1 + m[4]) + m[3]
+    return x + block.ffn(b) * m[5]
+
+
+def _golden_run(model: WanDiT, g: dict, autocast: bool) -> torch.Tensor:
+    y = g["y"][None] if "y" in g else None
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return model(g["x"][None], g["t"], [g["context"]], y=y)
+
+
+@pytest.mark.parametrize("name", ["dit_t2v", "dit_i2v", "dit_ti2v"])
+def test_lean_block_is_bit_identical_to_the_reference_expressions(name, tiny, cases, golden, monkeypatch):
+    """Freed temporaries, in-place RoPE / GELU / residual adds and the early bf16 casts change no bit: fp32,
+    bf16 autocast with fp32 weights and with bf16 weights (the pipeline's regime), batch 1 and 2."""
+    g = golden(name)
+    model = _load_official_dit(tiny / cases[name]["checkpoint"])
+    g2 = dict(g, x=g["x"].flip(-1), context=g["context"][:3])  # a second, different sample
+    monkeypatch.setattr(dit_module, "_ROPE_CHUNK_TOKENS", 5)  # several RoPE chunks, one partial
+    monkeypatch.setattr(dit_module, "_MOD_CHUNK_TOKENS", 5)  # several per-token modulation chunks
+    for weights in (torch.float32, torch.bfloat16):
+        model = model.to(weights)
+        for autocast in (False, True) if weights == torch.float32 else (True,):
+            lean = _golden_run(model, g, autocast)
+            with monkeypatch.context() as m:
+                m.setattr(dit_module.DiTBlock, "forward", _reference_block_forward)
+                reference = _golden_run(model, g, autocast)
+            assert torch.equal(lean, reference), (weights, autocast)
+    model = model.float()
+    x = torch.cat([g["x"][None], g2["x"][None]])
+    t = torch.cat([g["t"], g["t"].flip(-1) if g["t"].dim() == 2 else g["t"] // 2])
+    y = torch.cat([g["y"][None]] * 2) if "y" in g else None
+    with torch.inference_mode():
+        lean = model(x, t, [g["context"], g2["context"]], y=y)
+        monkeypatch.setattr(dit_module.DiTBlock, "forward", _reference_block_forward)
+        assert torch.equal(lean, model(x, t, [g["context"], g2["context"]], y=y))
+
+
+def test_block_leaves_its_input_alone() -> None:
+    """The block's residual adds are in place on its own tensor, never on the caller's x (bf16 or fp32)."""
+    cfg = _tiny()
+    block = _random_model(cfg).blocks[0]
+    rope = dit_module.rope_table((1, 2, 3), cfg.head_dim, "cpu")
+    e0, ctx, t_index = torch.randn(1, 6, cfg.dim), torch.randn(1, cfg.text_len, cfg.dim), torch.zeros(1, 1).long()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, 6, cfg.dim).to(dtype)
+        before = x.clone()
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(x, e0, ctx, rope, t_index)
+        assert torch.equal(x, before) and out.dtype == torch.float32
+        assert out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+
+
+# --------------------------------------------------------------------------------------------- FFN token chunks
+
+# Chunked FFN matrices multiply fewer rows at a time; the CPU float32 GEMM may then round a row differently
+# (measured ≤ 2e-7 relative L2 on the golden cases), so chunks smaller than L are checked against this bound.
+FFN_CHUNK_TOL = 1e-6
+
+
+def _set_chunk(model: WanDiT, chunk: int | None) -> None:
+    for block in model.blocks:
+        block.ffn_chunk_tokens = chunk
+
+
+def _chunk_of(model: WanDiT) -> int | None:
+    """The FFN chunk every block of `model` runs with (they must agree)."""
+    values = {block.ffn_chunk_tokens for block in model.blocks}
+    assert len(values) == 1
+    return values.pop()
+
+
+@pytest.mark.parametrize("name", ["dit_t2v", "dit_ti2v"])
+def test_ffn_chunking_matches_unchunked(name, tiny, cases, golden, monkeypatch):
+    """Chunks dividing L or not, per-token TI2V timesteps split across chunk edges (frame 0 is t = 0)."""
+    g = golden(name)
+    length = cases[name]["seq_len"]
+    model = _load_official_dit(tiny / cases[name]["checkpoint"])
+    assert _chunk_of(model) is None
+    whole = _golden_run(model, g, autocast=False)
+    whole_bf16 = _golden_run(model, g, autocast=True)
+    for chunk in (1, 5, 7, length - 1, length, 10**6):
+        _set_chunk(model, chunk)
+        out = _golden_run(model, g, autocast=False)
+        if chunk >= length:  # one chunk: the very same computation
+            assert torch.equal(out, whole)
+        assert rel_l2(out, whole) <= FFN_CHUNK_TOL, chunk
+        assert rel_l2(out[0], g["out"]) <= GOLDEN_TOL
+        # bf16 autocast: the same bound on top of bf16 rounding (measured bit-identical here)
+        assert rel_l2(_golden_run(model, g, autocast=True), whole_bf16) <= FFN_CHUNK_TOL, chunk
+    # Per-token modulation gathered in chunks that straddle the FFN chunks and the t = 0 / t = 500 edge.
+    monkeypatch.setattr(dit_module, "_MOD_CHUNK_TOKENS", 4)
+    _set_chunk(model, 5)
+    reference = _golden_run(model, g, autocast=False)
+    monkeypatch.setattr(dit_module, "_MOD_CHUNK_TOKENS", 3)
+    assert torch.equal(_golden_run(model, g, autocast=False), reference)
+
+
+def test_ffn_chunk_attribute_keeps_the_state_dict_and_is_validated() -> None:
+    cfg = _tiny()
+    model = _random_model(cfg)
+    keys = set(model.state_dict())
+    _set_chunk(model, 3)
+    assert set(model.state_dict()) == keys
+    x, t, ctx = torch.randn(1, 4, 2, 4, 6), torch.tensor([400]), [torch.randn(3, 6)]
+    for bad in (0, -2, 2.5):
+        _set_chunk(model, bad)
+        with pytest.raises(InputError, match="ffn_chunk_tokens"), torch.inference_mode():
+            model(x, t, ctx)
+
+
+def test_expert_slots_apply_the_plans_ffn_chunk(tiny, cases, golden):
+    """ExpertSlots._place sets the plan's FFN chunk on every block and resets it without one; output unchanged."""
+    from types import SimpleNamespace
+
+    from wan_local.memory.experts import ExpertSlots
+    from wan_local.memory.options import MemoryOptions
+    from wan_local.weights.layout import HIGH
+
+    g = golden("dit_t2v")
+    slots = ExpertSlots(
+        {HIGH: tiny / cases["dit_t2v"]["checkpoint"]}, "t2v", torch.device("cpu"), torch.float32, MemoryOptions()
+    )
+    slots.configure(None, keep_idle=False)
+    plain = slots(HIGH)
+    assert _chunk_of(plain) is None
+    whole = _golden_run(plain, g, autocast=False)
+    slots.park()
+
+    slots.configure(SimpleNamespace(streamed_blocks=(), ffn_chunk_tokens=5), keep_idle=True)
+    chunked = slots(HIGH)
+    assert _chunk_of(chunked) == 5
+    out = _golden_run(chunked, g, autocast=False)
+    assert rel_l2(out, whole) <= FFN_CHUNK_TOL and rel_l2(out[0], g["out"]) <= GOLDEN_TOL
+    slots.park()  # kept idle with its chunk set
+
+    slots.configure(SimpleNamespace(streamed_blocks=(), ffn_chunk_tokens=None), keep_idle=True)
+    again = slots(HIGH)
+    assert again is chunked and _chunk_of(again) is None  # the idle expert is reset
+    assert torch.equal(_golden_run(again, g, autocast=False), whole)
+    slots.release()
+
+
+def test_forward_under_autograd_takes_the_plain_path() -> None:
+    """With parameters needing grad and grad mode on, the block records the plain expressions: same values as the
+    lean inference path, and backward works (the lean path overwrites tensors autograd would save)."""
+    model = _random_model(_tiny("ti2v"))  # fresh parameters require grad
+    x, ctx = torch.randn(1, 4, 2, 4, 6), [torch.randn(5, 6)]
+    t = per_token_timesteps(torch.ones(2, 4, 6).index_fill_(0, torch.tensor([0]), 0), 300)
+    _set_chunk(model, 5)
+    with torch.inference_mode():
+        lean = model(x, t, ctx)
+    _set_chunk(model, None)
+    with torch.inference_mode():
+        unchunked = model(x, t, ctx)
+    recorded = model(x, t, ctx)
+    assert recorded.requires_grad and torch.equal(recorded.detach(), unchunked)
+    assert rel_l2(lean, unchunked) <= FFN_CHUNK_TOL
+    recorded.square().mean().backward()
+    assert all(p.grad is not None for p in model.blocks.parameters())

@@ -215,7 +215,9 @@ def test_cli_json_for_another_machine(cli):
     assert data["machine"]["vram_free_bytes"] == 15 * GIB and data["machine"]["ram_total_bytes"] == 32 * GIB
     assert data["options"]["quant"] == "int8"
     est = data["estimate"]
-    assert 25 <= len(est["plan"]["resident_blocks"]) <= 28  # budgets.md: 16 GB card, 8-bit A14B
+    # budgets.md says ~25-28 for a 16 GB card with 8-bit A14B, assuming a 4.5 GiB activation peak at 480p; our
+    # block frees its temporaries early (2.5 GiB peak, traced in test_plan.py), which leaves room for ~31.
+    assert 29 <= len(est["plan"]["resident_blocks"]) <= 32
     assert est["plan"]["peak_vram_bytes"] == est["peak_vram_bytes"] <= 14 * GIB
     assert set(est["seconds_by_stage"]) == {"load_models", "encode_text", "denoise", "decode"}
 

@@ -143,8 +143,15 @@ class ExpertSlots:
     # ------------------------------------------------------------------------------------------- placement
 
     def _place(self, model: WanDiT) -> object | None:
-        """Put `model` on the device: resident, or non-block weights resident and the plan's blocks streamed."""
+        """Put `model` on the device: resident, or non-block weights resident and the plan's blocks streamed.
+
+        Every block runs its FFN in the plan's token chunks (`DiTBlock.ffn_chunk_tokens`), or unchunked when the
+        plan has none (or there is no plan): a model kept from an earlier job never keeps a stale chunk.
+        """
         plan = self.plan
+        chunk = None if plan is None else plan.ffn_chunk_tokens
+        for block in getattr(model, "blocks", ()):  # wrappers without blocks (golden-test recorders) run as they are
+            block.ffn_chunk_tokens = chunk
         if self._device.type == "cuda" and plan is not None and plan.streamed_blocks:
             from wan_local.memory.streaming import BlockStreamer, move_unstreamed
 

@@ -56,6 +56,8 @@ TEXT_ENCODER_WORK_BYTES = 256 * MIB
 VAE_PARAMS = {"wan2.1": 126_892_531, "wan2.2": 704_688_668}
 #: dit.apply_rope processes this many tokens at a time (its float64 temporaries scale with it).
 ROPE_CHUNK_TOKENS = 8192
+#: dit gathers per-token (TI2V) modulation rows for this many tokens at a time.
+MOD_CHUNK_TOKENS = 4096
 #: Token chunks tried for the FFN when activations do not fit, largest first.
 FFN_CHUNK_CANDIDATES = (16384, 8192, 4096, 2048, 1024)
 #: Smallest spatial VAE tile (latent positions) the planner proposes (vae_tiling.MIN_TILE).
@@ -277,38 +279,57 @@ def tokens_for(spec: TaskSpec, width: int, height: int, frames: int) -> int:
 class ActivationTerms:
     """Activation memory of one DiT forward at batch 1 under bf16 autocast, term by term (bytes).
 
-    L tokens, C = dim, F = ffn_dim, T = FFN token chunk (L when unchunked). The tensors, as dit.py creates them:
-    residual_bytes      fp32 [L, C] residual stream. Two are alive in a block: its input (still held by the
-                        caller's loop) and the fresh `x = x + ...` after self-attention.
-    modulated_bytes     fp32 [L, C] modulated input `a` (self-attention) / `b` (FFN); a local that stays alive
-                        until the block returns, so `a` is still there in cross-attention and the FFN.
-    qkv_bytes           q, k, v bf16 [L, C] out of the projections (3 tensors).
-    attention_out_bytes bf16 [L, C] attention kernel output; it is also converted to fp32 (q's dtype after RoPE).
-    ffn_hidden_bytes    bf16 [T, F], one of the two alive around the GELU (its input and output).
-    rope_table_bytes    complex128 [L, D/2] RoPE multipliers, built once per forward.
-    rope_temp_bytes     float64 copy + complex product of one RoPE chunk: 2 x 8 · min(L, 8192) · C.
-    context_bytes       text: two raw contexts (cond, uncond) fp32 [text_len, text_dim], the padded copy, the
-                        embedded bf16 [text_len, C].
-    sampler_bytes       latent-sized fp32 tensors of the sampler (noise, outputs, guidance, solver history): 8.
-    The phases (bytes alive besides the block input, rope table, context and sampler):
-    self_attn_rope_bytes   a + q, k, v bf16 + q, k rotated fp32 + RoPE temporaries (while k is rotated);
-    self_attn_kernel_bytes a + v + q, k fp32 + their bf16 casts + output bf16 + its fp32 copy (24·L·C);
-    cross_attn_bytes       a + x + norm3(x) fp32 + q bf16 + RMSNorm's fp32 copy, product and cast (24·L·C);
-    ffn_bytes              a + x + b + max(b's bf16 chunk + hidden, hidden in + out of the GELU) (12·L·C + 4·T·F).
+    L tokens, C = dim, F = ffn_dim, N heads, T = FFN token chunk (L when unchunked). The tensors, as dit.py
+    creates them (every temporary is freed as soon as it is dead; see the dit module docstring):
+    residual_bytes       fp32 [L, C] residual stream. Two are alive in a block: its input (still held by the
+                         caller's loop) and the block's own `x`, created by the self-attention's gated add.
+    fp32_copy_bytes      one fp32 [L, C] temporary: the modulated input before its bf16 cast, a norm3 output, the
+                         squared / normalised copy of a projection inside RMSNorm, a gated product.
+    projection_bytes     one bf16 [L, C]: the cast modulated input, a q/k/v projection, the attention output.
+    qkv_bytes            q, k, v bf16 [L, C] (3 projections).
+    attention_out_bytes  bf16 [L, C] attention kernel output (kept in bf16: o would cast an fp32 copy back).
+    ffn_hidden_bytes     bf16 [T, F]: the FFN hidden tensor (GELU runs in place, so only one exists).
+    row_stat_bytes       fp32 [L, 1]: an RMSNorm statistic (LayerNorm keeps two while it runs).
+    attention_lse_bytes  fp32 [N, L]: the attention kernel's log-sum-exp.
+    modulation_bytes     fp32 [U, 6, C] modulation tables, alive through the block (U = 2 distinct timesteps
+                         for TI2V image-to-video, else 1).
+    gather_bytes         one gathered modulation row block: fp32 [min(L, 4096), C] with per-token timesteps (TI2V
+                         models are assumed to use them), else fp32 [1, C].
+    rope_table_bytes     complex128 [L, D/2] RoPE multipliers, built once per forward.
+    rope_temp_bytes      one RoPE chunk: float64 copy (rotated in place) + its fp32 rounding, 12 · min(L, 8192) · C.
+    context_bytes        text: two raw contexts (cond, uncond) fp32 [text_len, text_dim], the padded copy, the
+                         embedded bf16 [text_len, C].
+    sampler_bytes        latent-sized fp32 tensors of the sampler (noise, outputs, guidance, solver history): 8.
+    The phases (bytes alive besides the block input, modulation tables, rope table, context and sampler), in
+    units of L·C bytes for the large terms:
+    self_attn_norm_bytes    cast input + q + k's projection + its squared fp32 copy + statistic (10·L·C);
+    self_attn_rope_bytes    cast input + q + k + RoPE temporaries while k is rotated (6·L·C + rope_temp);
+    self_attn_kernel_bytes  cast input + q, k, v + output + log-sum-exp (10·L·C);
+    cross_attn_bytes        x + q's projection + its squared fp32 copy + statistic (10·L·C); the context-sized
+                            k/v and the kernel (8·L·C) are counted too, for short videos;
+    ffn_bytes               x + (1 + scale) table + per chunk of T tokens the largest of: the fp32 modulated chunk
+                            and its bf16 cast (6·T·C), the bf16 input chunk with the hidden tensor (2·T·C + 2·T·F),
+                            the bf16 output chunk with the gated product (6·T·C).
     Checked against the live tensors of a real DiTBlock forward in tests/test_plan.py.
     """
 
     tokens: int
     ffn_chunk_tokens: int | None
     residual_bytes: int
-    modulated_bytes: int
+    fp32_copy_bytes: int
+    projection_bytes: int
     qkv_bytes: int
     attention_out_bytes: int
     ffn_hidden_bytes: int
+    row_stat_bytes: int
+    attention_lse_bytes: int
+    modulation_bytes: int
+    gather_bytes: int
     rope_table_bytes: int
     rope_temp_bytes: int
     context_bytes: int
     sampler_bytes: int
+    self_attn_norm_bytes: int
     self_attn_rope_bytes: int
     self_attn_kernel_bytes: int
     cross_attn_bytes: int
@@ -316,8 +337,15 @@ class ActivationTerms:
 
     @property
     def block_peak_bytes(self) -> int:
-        """Largest phase of a block (what a block adds on top of its input)."""
-        return max(self.self_attn_rope_bytes, self.self_attn_kernel_bytes, self.cross_attn_bytes, self.ffn_bytes)
+        """What a block adds on top of its input at its largest phase (modulation tables included)."""
+        phases = (
+            self.self_attn_norm_bytes,
+            self.self_attn_rope_bytes,
+            self.self_attn_kernel_bytes,
+            self.cross_attn_bytes,
+            self.ffn_bytes,
+        )
+        return self.modulation_bytes + max(phases)
 
     @property
     def peak_bytes(self) -> int:
@@ -327,36 +355,61 @@ class ActivationTerms:
 
 
 def activation_terms(cfg: DiTConfig, tokens: int, ffn_chunk_tokens: int | None = None) -> ActivationTerms:
-    """Term-by-term activation bytes of one forward of `cfg` over `tokens` tokens (see ActivationTerms)."""
+    """Term-by-term activation bytes of one forward of `cfg` over `tokens` tokens (see ActivationTerms).
+
+    ffn_chunk_tokens: the `DiTBlock.ffn_chunk_tokens` the blocks run with (None: the FFN over all tokens).
+    """
     if tokens < 1:
         raise InputError(f"tokens={tokens} must be >= 1")
     if ffn_chunk_tokens is not None and ffn_chunk_tokens < 1:
         raise InputError(f"ffn_chunk_tokens={ffn_chunk_tokens} must be >= 1 (or None)")
     n, c, f = tokens, cfg.dim, cfg.ffn_dim
+    per_token = cfg.model_type == "ti2v"
     chunk = n if ffn_chunk_tokens is None else min(n, ffn_chunk_tokens)
     lc = n * c
-    residual, modulated, half = 4 * lc, 4 * lc, 2 * lc
+    residual, fp32_copy, half = 4 * lc, 4 * lc, 2 * lc
     hidden = 2 * chunk * f
-    rope_temp = 2 * 8 * min(n, ROPE_CHUNK_TOKENS) * c
+    stat, lse = 4 * n, 4 * cfg.num_heads * n
+    rope_temp = 12 * min(n, ROPE_CHUNK_TOKENS) * c
     rope_table = 16 * n * (cfg.head_dim // 2)
     context = (3 * 4 * cfg.text_dim + 2 * c) * cfg.text_len
     sampler = 8 * 4 * n * math.prod(cfg.patch_size) * cfg.out_dim
+    tables = 4 * (2 if per_token else 1) * c  # one [U, C] fp32 table, e.g. 1 + scale
+
+    def gather(rows: int) -> int:  # one gathered [rows or 1, C] fp32 block of a modulation table
+        return 4 * (min(rows, MOD_CHUNK_TOKENS) if per_token else 1) * c
+
+    # Cross-attention: context-sized k (projection + squared copy + statistic), then the kernel with k, v.
+    ctx = cfg.text_len * c
+    cross_k = residual + half + 6 * ctx + 4 * cfg.text_len
+    cross_kernel = residual + 2 * half + 4 * ctx + 4 * cfg.num_heads * n
+    # FFN per chunk of T tokens: the LayerNorm output with its two statistics, the modulated chunk (while one
+    # row block is gathered), its bf16 cast, the hidden tensor, and the gated add (product + gathered rows).
+    t_c = chunk * c
+    gated = 2 * t_c + 4 * min(chunk, MOD_CHUNK_TOKENS if per_token else chunk) * c + gather(chunk)
+    ffn_chunk = max(4 * t_c + 8 * chunk, 4 * t_c + gather(chunk), 6 * t_c, 2 * t_c + hidden, gated)
     return ActivationTerms(
         tokens=n,
         ffn_chunk_tokens=ffn_chunk_tokens,
         residual_bytes=residual,
-        modulated_bytes=modulated,
+        fp32_copy_bytes=fp32_copy,
+        projection_bytes=half,
         qkv_bytes=3 * half,
         attention_out_bytes=half,
         ffn_hidden_bytes=hidden,
+        row_stat_bytes=stat,
+        attention_lse_bytes=lse,
+        modulation_bytes=6 * tables,
+        gather_bytes=gather(n),
         rope_table_bytes=rope_table,
         rope_temp_bytes=rope_temp,
         context_bytes=context,
         sampler_bytes=sampler,
-        self_attn_rope_bytes=modulated + 3 * half + 2 * 4 * lc + rope_temp,
-        self_attn_kernel_bytes=modulated + half + 2 * 4 * lc + 2 * half + half + 4 * lc,
-        cross_attn_bytes=modulated + residual + 4 * lc + half + 2 * 4 * lc + half,
-        ffn_bytes=2 * modulated + residual + max(2 * chunk * c + hidden, 2 * hidden),
+        self_attn_norm_bytes=3 * half + fp32_copy + stat,
+        self_attn_rope_bytes=3 * half + rope_temp,
+        self_attn_kernel_bytes=5 * half + lse,
+        cross_attn_bytes=max(residual + half + fp32_copy + stat, cross_k, cross_kernel),
+        ffn_bytes=residual + tables + ffn_chunk,
     )
 
 

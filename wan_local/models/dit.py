@@ -12,6 +12,16 @@ float64 -> fp32. Without autocast (CPU tests) everything is plain fp32.
 Time conditioning is kept as a table with one row per distinct timestep ([U, C] / [U, 6, C], fp32) plus an
 index tensor [B, 1] (one timestep per sample) or [B, L] (TI2V image-to-video), gathered where it is used. The
 reference materialises [B, L, 6, C] in fp32 instead (9 GB at 720p for the 14B); the values are the same.
+
+Activation memory (what wan_local.memory.plan.activation_terms models): a block frees every temporary as soon as it
+is dead and keeps at most one fp32 copy of a [B, L, C] projection alive. The modulated inputs are cast once to the
+autocast dtype (exactly the cast the Linears would do), RMSNorm takes its statistics from a squared copy freed before
+the normalised copy is made, RoPE rotates q and k in place (float64 maths per token chunk, written back through
+fp32, so the values are the reference's fp32 RoPE output rounded as the attention kernel rounds it), attention
+outputs stay in the autocast dtype (the o projection would cast them back anyway), GELU runs in place and the
+residual adds are in place on the block's own residual tensor (never on its input). Results are bit-identical to
+the straightforward expression of the reference. `DiTBlock.ffn_chunk_tokens` optionally runs the FFN over token
+chunks to bound its [tokens, ffn_dim] hidden tensor.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from wan_local.models.attention import attention
 MODEL_TYPES = ("t2v", "i2v", "ti2v")
 _ROPE_THETA = 10000.0
 _ROPE_CHUNK_TOKENS = 8192  # bounds the float64 RoPE temporaries (a 14B q at 720p is 3 GB in float64)
+_MOD_CHUNK_TOKENS = 4096  # per-token (TI2V) modulation: tokens per gathered [B, n, C] fp32 slice of a table
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,24 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _apply_rope_(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` written back into x [B, L, N, D] (float32, or the autocast dtype the attention casts to).
+
+    Each token chunk is copied to float64, rotated in place, rounded to float32 (the reference's RoPE output) and
+    then, for a half-precision x, to x's dtype: the same two roundings as apply_rope followed by the attention's
+    cast. Only one chunk's float64 copy (and its float32 rounding) exists at a time.
+    """
+    for s in range(0, x.shape[1], _ROPE_CHUNK_TOKENS):
+        e = s + _ROPE_CHUNK_TOKENS
+        xc = torch.view_as_complex(x[:, s:e].to(torch.float64).unflatten(-1, (-1, 2)))  # [B, l, N, D/2]
+        xc.mul_(rope[s:e])
+        rotated = torch.view_as_real(xc).flatten(-2)
+        del xc
+        x[:, s:e] = rotated if x.dtype == torch.float32 else rotated.to(torch.float32)
+        del rotated
+    return x
+
+
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Timestep embedding [U] -> [U, dim] float64: [cos(t·ω_k), sin(t·ω_k)], ω_k = 10000^(-k / (dim/2))."""
     half = dim // 2
@@ -173,6 +202,73 @@ def fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), layer.weight.float(), bias)
 
 
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x as a Linear inside the active autocast region computes with it: cast to the autocast dtype, else x.
+
+    F.linear under autocast makes exactly this cast; doing it once up front lets the caller drop the fp32 original
+    before the Linear allocates its output (and saves the repeated casts of q, k and v).
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point() and x.dtype != torch.float64:
+        return x.to(torch.get_autocast_dtype(device_type))
+    return x
+
+
+def _records_autograd(module: nn.Module, *inputs: torch.Tensor) -> bool:
+    """Whether autograd would record `module`'s forward (grad mode on and an input or parameter needing grad).
+
+    The lean paths overwrite tensors that autograd saves for backward, so such calls take the plain path.
+    """
+    if not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for t in inputs) or any(p.requires_grad for p in module.parameters())
+
+
+def _rows(t_index: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """t_index [B, 1] (one timestep per sample) or its tokens start:end of [B, L] (per-token timesteps)."""
+    return t_index if t_index.shape[1] == 1 else t_index[:, start:end]
+
+
+def _spans(t_index: torch.Tensor, length: int) -> list[tuple[int, int]]:
+    """Token ranges for gathering modulation rows: all tokens at once for [B, 1], else _MOD_CHUNK_TOKENS slices.
+
+    The ops done per range are elementwise, so the split changes no value; it bounds the gathered per-token
+    [B, n, C] fp32 tables.
+    """
+    step = length if t_index.shape[1] == 1 else _MOD_CHUNK_TOKENS
+    return [(s, min(s + step, length)) for s in range(0, length, max(step, 1))]
+
+
+def _modulate_(x: torch.Tensor, scale1: torch.Tensor, shift: torch.Tensor, t_index: torch.Tensor) -> torch.Tensor:
+    """x <- x · scale1[t_index] + shift[t_index] in place; x [B, L, C] fp32, scale1 (= 1 + scale), shift [U, C]."""
+    for s, e in _spans(t_index, x.shape[1]):
+        rows = _rows(t_index, s, e)
+        x[:, s:e].mul_(scale1[rows]).add_(shift[rows])
+    return x
+
+
+def _gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, t_index: torch.Tensor) -> torch.Tensor:
+    """x + y · gate[t_index] as a new tensor (x is left alone); x, y [B, L, C], gate [U, C] fp32.
+
+    The product is written straight into the result and x added to it (addition commutes exactly), so no
+    product-sized temporary exists besides the result.
+    """
+    dtype = torch.promote_types(x.dtype, torch.promote_types(y.dtype, gate.dtype))
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    for s, e in _spans(t_index, x.shape[1]):
+        o = out[:, s:e]
+        torch.mul(y[:, s:e], gate[_rows(t_index, s, e)], out=o)
+        o.add_(x[:, s:e])
+    return out
+
+
+def _add_gated_(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, t_index: torch.Tensor) -> torch.Tensor:
+    """x += y · gate[t_index] in place; x [B, L, C] (owned by the caller), y [B, L, C], gate [U, C] fp32."""
+    for s, e in _spans(t_index, x.shape[1]):
+        x[:, s:e] += y[:, s:e] * gate[_rows(t_index, s, e)]
+    return x
+
+
 # ----------------------------------------------------------------------------------------------------- layers
 
 
@@ -208,19 +304,92 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, source: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, Lq, C] attends to source [B, Lk, C] -> [B, Lq, C]; rope [Lq, 1, D/2] for self-attention."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        source: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        x_norm: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """x [B, Lq, C] attends to source [B, Lk, C] -> [B, Lq, C]; rope [Lq, 1, D/2] for self-attention.
+
+        x_norm, when given, is applied to x first (the block's norm3 before cross-attention); the normalised copy
+        lives only until q is projected. Under autocast the attention output stays in the autocast dtype (the
+        reference converts it to q's fp32 and the o projection casts it straight back: same values).
+        """
+        if _records_autograd(self, x, source):
+            return self._forward_autograd(x if x_norm is None else x_norm(x), source, rope)
         n = self.num_heads
-        q = self.norm_q(self.q(x)).unflatten(-1, (n, -1))  # [B, Lq, N, D]
-        k = self.norm_k(self.k(source)).unflatten(-1, (n, -1))  # [B, Lk, N, D]
+        q = self._project_heads(self.q, self.norm_q, x, x_norm)  # [B, Lq, N, D]
+        if rope is not None:
+            q = self._rope(q, rope)
+        k = self._project_heads(self.k, self.norm_k, source)  # [B, Lk, N, D]
+        if rope is not None:
+            k = self._rope(k, rope)
+        v = self.v(source).unflatten(-1, (n, -1))
+        out = attention(q, k, v)
+        del q, k, v
+        return self.o(out.flatten(2))
+
+    def _forward_autograd(self, x: torch.Tensor, source: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+        """`forward` written as the reference does, every temporary kept (the path autograd can record)."""
+        n = self.num_heads
+        q = self.norm_q(self.q(x)).unflatten(-1, (n, -1))
+        k = self.norm_k(self.k(source)).unflatten(-1, (n, -1))
         v = self.v(source).unflatten(-1, (n, -1))
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         return self.o(attention(q, k, v).flatten(2))
 
+    def _project_heads(
+        self, linear: nn.Module, norm: RMSNorm, x: torch.Tensor, x_norm: nn.Module | None = None
+    ) -> torch.Tensor:
+        """norm(linear(x_norm(x))) as heads [B, L, N, D], holding at most the projection and one fp32 copy of it.
+
+        The normalised input (when x_norm is given) is made here so that it dies as soon as it is projected. Same
+        ops and values as RMSNorm.forward: the statistics come from a squared fp32 copy (squared in place), freed
+        before the fp32 copy that is normalised (in place) and cast back. The projection is a fresh tensor owned
+        here, so in fp32 it is normalised in place.
+        """
+        xin = x if x_norm is None else _autocast_input(x_norm(x))
+        y = linear(xin)  # [B, L, C]
+        del xin
+        dtype = y.dtype
+        sq = y.float()
+        sq = y.pow(2) if sq is y else sq.pow_(2)
+        r = sq.mean(dim=-1, keepdim=True).add_(norm.eps).rsqrt_()  # [B, L, 1] fp32
+        del sq
+        yf = y.float()
+        del y
+        y = yf.mul_(r).to(dtype)
+        del yf, r
+        w = norm.weight
+        y = y.mul_(w) if torch.result_type(y, w) == y.dtype else y * w
+        return y.unflatten(-1, (self.num_heads, -1))
+
+    @staticmethod
+    def _rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """RoPE of heads x: in place when x's dtype is what the attention computes in, else the fp32 reference."""
+        device_type = x.device.type
+        if x.dtype == torch.float32 or (
+            torch.is_autocast_enabled(device_type) and x.dtype == torch.get_autocast_dtype(device_type)
+        ):
+            return _apply_rope_(x, rope)
+        return apply_rope(x, rope)
+
 
 class DiTBlock(nn.Module):
-    """One transformer block: modulated self-attention, cross-attention to text, modulated FFN."""
+    """One transformer block: modulated self-attention, cross-attention to text, modulated FFN.
+
+    `ffn_chunk_tokens` (a plain attribute, not a parameter: the state dict is unchanged) is set from outside, e.g.
+    by the residency plan: when set, the FFN runs over chunks of that many tokens and adds each chunk's gated
+    output into the residual, so its hidden tensor is [B, chunk, ffn_dim] instead of [B, L, ffn_dim]. Everything
+    but the two FFN matrix products is elementwise or per token, so the values equal the unchunked FFN's up to
+    how the GEMM kernels round a row for another row count (≤ 2e-7 relative L2 on the CPU float32 golden cases).
+    """
+
+    #: Tokens per FFN pass; None runs the FFN over all tokens at once.
+    ffn_chunk_tokens: int | None = None
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -241,23 +410,77 @@ class DiTBlock(nn.Module):
         rope: torch.Tensor,
         t_index: torch.Tensor,
     ) -> torch.Tensor:
-        """x [B, L, C] -> [B, L, C] (fp32).
+        """x [B, L, C] -> [B, L, C] (fp32, a new tensor: x itself is not modified).
 
         e0: [U, 6, C] fp32 time projection per distinct timestep; t_index: [B, 1] or [B, L] int64, the row
         of e0 for each sample/token; context: [B, text_len, C] embedded text; rope: [L, 1, D/2] from
         `rope_table`.
         """
-        # Modulation maths is fp32 (fp32 e0 promotes bf16 params): six [U, C] tables, each gathered to
-        # [B, 1 or L, C] (`m[t_index]`) only where used, so per-token t never holds [B, L, 6, C] at once.
+        if _records_autograd(self, x, e0, context):
+            return self._forward_autograd(x, e0, context, rope, t_index)
+        # Modulation maths is fp32 (fp32 e0 promotes bf16 params): six [U, C] tables, gathered to [B, 1 or L, C]
+        # (`m[t_index]`) only where used and per token chunk, so per-token t never holds [B, L, 6, C] at once.
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation[0] + e0).unbind(1)
 
         # norm1 returns x's dtype: at block 0 under autocast that rounds to bf16 before the fp32 modulation.
-        a = self.norm1(x).float() * (1 + scale_sa[t_index]) + shift_sa[t_index]
-        x = x + self.self_attn(a, a, rope) * gate_sa[t_index]  # fp32 from here on (bf16/fp32 + fp32)
-        x += self.cross_attn(self.norm3(x), context)  # x is a fresh tensor owned here: in-place is safe
-        b = self.norm2(x).float() * (1 + scale_ff[t_index]) + shift_ff[t_index]
-        x += self.ffn(b) * gate_ff[t_index]
+        # `.float()` of norm1's output is a fresh tensor in every dtype regime, so it is modulated in place.
+        a = _modulate_(self.norm1(x).float(), 1 + scale_sa, shift_sa, t_index)
+        a = _autocast_input(a)  # the fp32 `a` is dead once cast: q, k and v all project this copy
+        y = self.self_attn(a, a, rope)
+        del a
+        x = _gated_residual(x, y, gate_sa, t_index)  # fp32 from here on (bf16/fp32 + fp32), owned by this block
+        del y
+        x += self.cross_attn(x, context, x_norm=self.norm3)
+        self._ffn_(x, scale_ff, shift_ff, gate_ff, t_index)
         return x
+
+    def _forward_autograd(
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        context: torch.Tensor,
+        rope: torch.Tensor,
+        t_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """`forward` written as the reference does, every temporary kept (the path autograd can record).
+
+        Same values as the lean path; it ignores `ffn_chunk_tokens`.
+        """
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (
+            m[t_index] for m in (self.modulation[0] + e0).unbind(1)
+        )  # [B, 1 or L, C] each
+        a = self.norm1(x).float() * (1 + scale_sa) + shift_sa
+        x = x + self.self_attn(a, a, rope) * gate_sa
+        x = x + self.cross_attn(self.norm3(x), context)
+        b = self.norm2(x).float() * (1 + scale_ff) + shift_ff
+        return x + self.ffn(b) * gate_ff
+
+    def _ffn_(
+        self,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        gate: torch.Tensor,
+        t_index: torch.Tensor,
+    ) -> None:
+        """x += ffn(norm2(x) · (1 + scale) + shift) · gate in place, over `ffn_chunk_tokens` tokens at a time."""
+        length = x.shape[1]
+        chunk = self.ffn_chunk_tokens
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise InputError(f"DiTBlock.ffn_chunk_tokens={chunk!r}: must be a positive int or None")
+        step = length if chunk is None else min(chunk, length)
+        linear1, gelu, linear2 = self.ffn
+        scale1 = 1 + scale
+        for s in range(0, length, step):
+            xs, rows = x[:, s : s + step], _rows(t_index, s, s + step)  # [B, n, C] view of the residual
+            b = _autocast_input(_modulate_(self.norm2(xs).float(), scale1, shift, rows))
+            h = linear1(b)  # [B, n, ffn_dim]
+            del b
+            h = torch.ops.aten.gelu_(h, approximate=gelu.approximate)  # same kernel as GELU, without a copy
+            y = linear2(h)
+            del h
+            _add_gated_(xs, y, gate, rows)
+            del y
 
 
 class Head(nn.Module):

@@ -120,7 +120,7 @@ def test_config_for_single_file_checkpoint(tiny, tmp_path):
     path = tmp_path / "wan2.2_ti2v_5B.safetensors"
     save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in sd.items()}, str(path),
               metadata={"config": json.dumps({"num_heads": expected.num_heads})})  # fmt: skip
-    assert P._read_dit_config(path) == expected
+    assert P.read_dit_config(path) == expected
 
 
 def test_config_for_checkpoint_of_the_wrong_task(tiny):

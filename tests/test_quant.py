@@ -452,3 +452,16 @@ def test_errors(t2v) -> None:
     qsd["blocks.0.ffn.0.scale"] = torch.ones(3)
     with pytest.raises(CheckpointError, match=r"blocks\.0\.ffn\.0\.scale"):
         build_quantized_dit(cfg, qsd, "int8", "all", torch.float32)
+
+
+def test_cache_hit_does_not_open_the_source_weights(tiny, tmp_path, monkeypatch):
+    """The second start builds the model from the cache alone: reading the source shards would cost a full read."""
+    from wan_local.memory import quant as Q
+
+    folder = tiny / "t2v-A14B" / "high_noise_model"
+    cache = Q.QuantCache(tmp_path / "cache")
+    first = Q.load_quantized_dit(folder, "int8", "all", torch.float32, cache=cache)
+    monkeypatch.setattr(Q, "read_dit", lambda *a, **k: pytest.fail("the source weights were read on a cache hit"))
+    second = Q.load_quantized_dit(folder, "int8", "all", torch.float32, cache=cache, expected_model_type="t2v")
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

@@ -204,7 +204,7 @@ def _header_shapes(path: Path) -> dict[str, Any]:
     return shapes
 
 
-def _read_dit_config(path: Path) -> DiTConfig:
+def read_dit_config(path: Path) -> DiTConfig:
     """DiTConfig of a DiT folder (config.json) or single file (header shapes), reading no tensor data."""
     from wan_local.weights import keymaps
     from wan_local.weights.files import read_safetensors_metadata
@@ -244,7 +244,7 @@ def dit_config_for_checkpoint(ckpt_dir: Path | str, task: str) -> DiTConfig:
     files = find_checkpoints(Path(ckpt_dir), spec)
     path = files.dit[HIGH if spec.two_experts else SINGLE]
     try:
-        cfg = _read_dit_config(Path(path))
+        cfg = read_dit_config(Path(path))
     except KeyError as exc:
         raise CheckpointError(f"{path}: missing tensor or config field {exc}") from exc
     except ValueError as exc:

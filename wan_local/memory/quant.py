@@ -568,6 +568,20 @@ def load_quantized_dit(
     """
     check_mode(mode, scope)
     path = Path(path)
+    if cache is not None and path.is_dir():
+        # Cache hit: the config comes from config.json and headers; the source weights are never opened (reading
+        # an fp32 A14B expert's 57 GB just to find the cached int8 copy would dominate every start).
+        cached = cache.load(source_files(path), mode, scope)
+        if cached is not None:
+            from wan_local.memory.plan import read_dit_config
+
+            cfg = read_dit_config(path)
+            if expected_model_type is not None and cfg.model_type != expected_model_type:
+                raise CheckpointError(
+                    f"{path} holds a {cfg.model_type!r} model but this task needs {expected_model_type!r}"
+                )
+            log.info("loading cached %s weights of %s (scope %s)", mode, path, scope)
+            return build_quantized_dit(cfg, cached, mode, scope, dtype, compute=compute, source=str(path))
     try:
         if path.is_file() and path.suffix == ".safetensors":
             cfg, raw, fmt = _read_single_file(path)

@@ -225,8 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         allowed: list[str] = []
         demo = ui.build_app(
-            store=store, settings=settings, machine=machine, presets=presets, worker=worker,
-            hub=DownloadManager(), allowed_paths=allowed,
+            ui.build_context(
+                store=store, settings=settings, machine=machine, presets=presets, worker=worker,
+                hub=DownloadManager(), allowed_paths=allowed,
+            )
         )  # fmt: skip
         demo.queue(default_concurrency_limit=4)
         demo.launch(

@@ -108,8 +108,10 @@ def test_build_app_constructs_every_tab_without_launching(home, tiny, presets):
     settings = SettingsStore(home / "settings.json")
     allowed: list[str] = []
     demo = build_app(
-        store=store, settings=settings, machine=CPU_BOX, presets=presets, worker=FakeWorker(), estimator=None,
-        allowed_paths=allowed,
+        build_context(
+            store=store, settings=settings, machine=CPU_BOX, presets=presets, worker=FakeWorker(), estimator=None,
+            allowed_paths=allowed,
+        )
     )  # fmt: skip
     ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
     for elem in ("gen-prompt", "gen-add", "gen-prediction", "queue-table", "queue-preview", "queue-restart",

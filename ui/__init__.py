@@ -39,7 +39,16 @@ def build_context(
     allowed_paths: list[str] | None = None,
     measure: Callable[[MachineInfo], MachineInfo] | None = None,
 ) -> AppContext:
-    """The AppContext the tabs share (see `build_app` for the arguments)."""
+    """The AppContext the tabs share.
+
+    store: the job queue; settings: the app settings and their file; machine: the startup measurement (VRAM is
+    never re-measured in the UI process); presets: loaded presets (pick_preset chooses "auto"); worker: the
+    worker process handle (None: --no-worker); hub: the download manager (default: a new one whose finished
+    downloads become the task's model folder); estimator: estimate_job-like callable (default: imported when
+    available; None: "no estimate"); allowed_paths: the list to pass to launch(allowed_paths=...), filled here
+    with the folders the UI serves files from and extended when the output folder changes; measure: replaces
+    the RAM re-measurement (tests).
+    """
     from wan_local.models_hub import DownloadManager
 
     ctx = AppContext(
@@ -69,28 +78,8 @@ def theme() -> Any:
     )
 
 
-def build_app(
-    *,
-    store: JobStore,
-    settings: SettingsStore,
-    machine: MachineInfo,
-    presets: Mapping[str, Preset],
-    worker: WorkerControl | None = None,
-    hub: DownloadManager | None = None,
-    estimator: Estimator | None = _LOAD_ESTIMATOR,
-    allowed_paths: list[str] | None = None,
-    measure: Callable[[MachineInfo], MachineInfo] | None = None,
-) -> gr.Blocks:
-    """The whole UI as a gr.Blocks (not launched).
-
-    store: the job queue; settings: the app settings and their file; machine: the startup measurement (VRAM is
-    never re-measured in the UI process); presets: loaded presets (pick_preset chooses "auto"); worker: the
-    worker process handle (None: --no-worker); hub: the download manager (default: a new one whose finished
-    downloads become the task's model folder); estimator: estimate_job-like callable (default: imported when
-    available; None: "no estimate"); allowed_paths: the list to pass to launch(allowed_paths=...), filled here
-    with the folders the UI serves files from and extended when the output folder changes; measure: replaces
-    the RAM re-measurement (tests).
-    """
+def build_app(ctx: AppContext) -> gr.Blocks:
+    """The whole UI as a gr.Blocks (not launched), laid out around the objects of `ctx` (see `build_context`)."""
     import gradio as gr
 
     from ui.gallery import build_gallery_tab
@@ -99,13 +88,9 @@ def build_app(
     from ui.queue import build_queue_tab
     from ui.settings import build_settings_tab
 
-    ctx = build_context(
-        store=store, settings=settings, machine=machine, presets=presets, worker=worker, hub=hub,
-        estimator=estimator, allowed_paths=allowed_paths, measure=measure,
-    )  # fmt: skip
     with gr.Blocks(title="wan-local", analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown(
-            f"## wan-local · Wan2.2 video\n{machine.describe()} · preset: **{ctx.pick.preset.label}**",
+            f"## wan-local · Wan2.2 video\n{ctx.machine.describe()} · preset: **{ctx.pick.preset.label}**",
             elem_id="app-header",
         )
         with gr.Tabs(selected="generate", elem_id="tabs") as tabs:

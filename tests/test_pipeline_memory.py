@@ -144,3 +144,16 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny, tmp_path, solve
     assert steps == [3, 4, 5]
     assert torch.equal(resumed.latent, full.latent)
     assert torch.equal(resumed.video, full.video)
+
+
+def test_fp8_compute_option_falls_back_to_dequant_off_gpu(tiny, tmp_path):
+    """--quant-compute scaled_mm reaches the quantized Linears; without an sm89+ GPU they dequantize (same bits)."""
+    runs = {}
+    for compute in ("dequant", "scaled_mm"):
+        memory = MemoryOptions(quant="fp8", quant_compute=compute)
+        pipe = WanPipeline(tiny / "t2v-A14B", "t2v-A14B", "cpu", torch.float32, memory, cache_dir=tmp_path)
+        runs[compute] = pipe.generate(_settings(steps=2)).latent
+        linear = pipe.experts("low_noise").blocks[0].ffn[0]
+        assert linear.compute == compute
+        pipe.close()
+    assert torch.equal(runs["dequant"], runs["scaled_mm"])

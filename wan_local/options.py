@@ -70,6 +70,9 @@ def add_memory_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default="auto", help="memory preset name from presets/, or auto (picked for this PC)")
     g.add_argument("--quant", choices=m.QUANT_MODES, help="storage of the DiT block weights")
     g.add_argument("--quant-scope", choices=m.QUANT_SCOPES, help="quantize all block Linears or only the FFNs")
+    g.add_argument(
+        "--quant-compute", choices=m.QUANT_COMPUTE, help="dequant (bf16 matmuls) or scaled_mm (FP8 matmuls, sm89+)"
+    )
     g.add_argument("--offload", choices=m.OFFLOAD_MODES, help="stream DiT blocks from RAM: none, blocks, full, auto")
     g.add_argument("--vram-budget-gb", type=float, help="VRAM the engine may use (default: the free VRAM)")
     g.add_argument("--vram-reserve-gb", type=float, help="VRAM kept free for other programs")
@@ -82,6 +85,7 @@ def add_memory_options(parser: argparse.ArgumentParser) -> None:
 _MEMORY_FLAGS = (
     "quant",
     "quant_scope",
+    "quant_compute",
     "offload",
     "vram_budget_gb",
     "vram_reserve_gb",

@@ -109,6 +109,7 @@ class ExpertSlots:
                 self._dtype,
                 cache=cache,
                 expected_model_type=self._model_type,
+                compute=self._memory.quant_compute,
             )
         else:
             model = load_dit(path, dtype=self._dtype, expected_model_type=self._model_type)

@@ -12,6 +12,7 @@ from wan_local.errors import InputError
 
 QUANT_MODES = ("none", "int8", "fp8")
 QUANT_SCOPES = ("all", "ffn")
+QUANT_COMPUTE = ("dequant", "scaled_mm")
 OFFLOAD_MODES = ("auto", "none", "blocks", "full")
 IDLE_EXPERT_POLICIES = ("auto", "keep", "drop")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "sage")
@@ -24,6 +25,8 @@ class MemoryOptions:
 
     quant: storage of the DiT blocks' Linear weights ("none" keeps bf16).
     quant_scope: "all" block linears, or "ffn" only (FP8 on attention hurts long videos).
+    quant_compute: "dequant" (weights dequantized to bf16 inside each Linear) or "scaled_mm" (FP8 matmuls with
+        torch._scaled_mm on sm89+ GPUs, activations quantized on the fly; falls back to dequant elsewhere).
     offload: "none" (everything resident), "blocks" (stream the blocks that do not fit), "full" (stream every
         block), "auto" (the planner picks the least streaming that fits).
     vram_budget_gb: VRAM the engine may use; None measures the free VRAM of the device.
@@ -36,6 +39,7 @@ class MemoryOptions:
 
     quant: str = "none"
     quant_scope: str = "all"
+    quant_compute: str = "dequant"
     offload: str = "auto"
     vram_budget_gb: float | None = None
     vram_reserve_gb: float = 1.0
@@ -48,6 +52,7 @@ class MemoryOptions:
         choices = {
             "quant": QUANT_MODES,
             "quant_scope": QUANT_SCOPES,
+            "quant_compute": QUANT_COMPUTE,
             "offload": OFFLOAD_MODES,
             "keep_idle_expert": IDLE_EXPERT_POLICIES,
             "vae_tiling": VAE_TILING,

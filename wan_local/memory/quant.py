@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wan_local.errors import CheckpointError, InputError
-from wan_local.memory.options import QUANT_SCOPES
+from wan_local.memory.options import QUANT_COMPUTE, QUANT_SCOPES
 from wan_local.models.dit import DiTConfig, WanDiT
 from wan_local.weights import fp8, keymaps
 from wan_local.weights.files import StateDict, read_safetensors, read_safetensors_metadata, read_state_dict
@@ -48,7 +48,7 @@ from wan_local.weights.loading import assign_checked, dit_config_from_state_dict
 log = logging.getLogger(__name__)
 
 MODES = ("int8", "fp8")
-COMPUTE_MODES = ("dequant", "scaled_mm")
+COMPUTE_MODES = QUANT_COMPUTE
 QMAX = {"int8": 127.0, "fp8": 448.0}
 STORAGE_DTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 QUANT_DTYPES = frozenset({torch.int8, torch.float8_e4m3fn, torch.float8_e5m2})

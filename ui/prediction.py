@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from wan_local.machine import GIB, MachineInfo
-from wan_local.presets import Preset, admit
+from wan_local.presets import Preset, Verdict, admit
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +79,11 @@ def format_duration(seconds: float) -> str:
 
 
 @dataclass(frozen=True)
-class Prediction:
-    """The verdict on one job. preset: what it runs with (None: refused); estimate: the estimate for `preset`
-    (for the leanest preset tried when refused; None when there is no estimate); message: the sentence shown."""
+class Prediction(Verdict):
+    """The verdict shown before queueing, with `estimate`: the estimate for `preset` (for the leanest preset tried
+    when refused; None when there is no estimate)."""
 
-    requested: Preset
-    preset: Preset | None
-    estimate: Any
-    message: str
-
-    @property
-    def admitted(self) -> bool:
-        """True when the job may be queued (possibly with a lower preset)."""
-        return self.preset is not None
-
-    @property
-    def degraded(self) -> bool:
-        """True when the job runs with a lower preset than asked for."""
-        return self.preset is not None and self.preset.name != self.requested.name
+    estimate: Any = None
 
     def figures(self) -> str:
         """ "peak VRAM 14.2 GiB · peak RAM 30.1 GiB · about 9 min", or "no estimate"."""
@@ -130,7 +117,7 @@ def predict(
     """Estimate the job with `requested`'s memory options, degrading along its fallback chain, or refuse it
     (presets.admit decides; this adds the estimate shown in the panel)."""
     if estimator is None:
-        return Prediction(requested, requested, None, f"No estimate available; the job runs with '{requested.label}'.")
+        return Prediction(requested, requested, f"No estimate available; the job runs with '{requested.label}'.")
     estimates: list[Any] = []
 
     def estimate(options) -> tuple[int, int]:
@@ -142,5 +129,5 @@ def predict(
         admission = admit(estimate, machine, requested, presets, refused="Not queued")
     except Exception as exc:  # the estimate is advisory: its failure must never block queueing
         log.warning("estimate failed for %s %s: %s", task, size, exc, exc_info=True)
-        return Prediction(requested, requested, None, f"No estimate ({exc}); the job runs with '{requested.label}'.")
-    return Prediction(requested, admission.preset, estimates[-1] if estimates else None, admission.message)
+        return Prediction(requested, requested, f"No estimate ({exc}); the job runs with '{requested.label}'.")
+    return Prediction(requested, admission.preset, admission.message, estimates[-1] if estimates else None)

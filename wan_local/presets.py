@@ -125,27 +125,31 @@ class Pick:
 
 
 @dataclass(frozen=True)
-class Admission:
-    """The verdict on one job. `preset` is what to run with (None: refused); `message` says which and why.
-
-    The peaks are the estimate for `preset`, or, when refused, for the last (leanest) preset tried.
-    """
+class Verdict:
+    """Whether a job fits: `preset` is what to run with (None: refused); `message` says which and why."""
 
     requested: Preset
     preset: Preset | None
-    peak_vram_bytes: int
-    peak_ram_bytes: int
     message: str
 
     @property
     def admitted(self) -> bool:
-        """True when the job may start (possibly with a lower preset)."""
+        """True when the job may run (possibly with a lower preset)."""
         return self.preset is not None
 
     @property
     def degraded(self) -> bool:
         """True when the job runs, but with a lower preset than requested."""
         return self.preset is not None and self.preset.name != self.requested.name
+
+
+@dataclass(frozen=True)
+class Admission(Verdict):
+    """The verdict of `admit`. The peaks are the estimate for `preset`, or, when refused, for the last (leanest)
+    preset tried."""
+
+    peak_vram_bytes: int = 0
+    peak_ram_bytes: int = 0
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -405,13 +409,14 @@ def admit(
                 "" if candidate.cpu_only else f" and the card's {_gib(machine.vram_total_bytes)}"
             )
             if candidate is preset:
-                return Admission(preset, candidate, vram_peak, ram_peak, f"Fits with '{preset.label}': {fits}.")
+                message = f"Fits with '{preset.label}': {fits}."
+                return Admission(preset, candidate, message, vram_peak, ram_peak)
             message = (
                 f"Runs with '{candidate.label}' instead of '{preset.label}' ({'; '.join(problems)}); "
                 f"with '{candidate.label}' it {fits}." + _paging_note(problems)
             )
             log.info("job degraded: %s", message)
-            return Admission(preset, candidate, vram_peak, ram_peak, message)
+            return Admission(preset, candidate, message, vram_peak, ram_peak)
         problems.append(f"with '{candidate.label}' it {problem}")
     message = (
         f"{refused}: this job does not fit this machine with any preset it can fall back to "
@@ -419,7 +424,7 @@ def admit(
         "RAM." + _paging_note(problems)
     )
     log.info("job refused: %s", message)
-    return Admission(preset, None, vram_peak, ram_peak, message)
+    return Admission(preset, None, message, vram_peak, ram_peak)
 
 
 def _overrun(

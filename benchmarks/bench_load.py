@@ -49,6 +49,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from common import peak_rss, reset_peak_rss, rss
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -132,35 +133,6 @@ def read_files(paths: list[Path]) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- RSS
-
-
-def _rss() -> int:
-    return psutil.Process().memory_info().rss
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark of this process (Linux >= 4.0); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int:
-    """VmHWM (Linux), else the getrusage maximum (which cannot be reset)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -308,8 +280,8 @@ def run_case(case: dict) -> dict:
         read_files(warm_paths)
         drop = None
     resident_before = resident_fraction(warm_paths)
-    reset_ok = _reset_peak_rss()
-    rss0 = _rss()
+    reset_ok = reset_peak_rss()
+    rss0 = rss()
     out: dict = {"resident_before": resident_before, "drop": drop, "peak_reset": reset_ok}
     out["process_warmup_s"] = process_warmup_s  # excluded from the timings
     t0 = time.perf_counter()
@@ -337,7 +309,7 @@ def run_case(case: dict) -> dict:
     if case.get("extra_files"):  # a cache hit should leave the source shards unread
         out["extra_resident_after"] = resident_fraction([Path(p) for p in case["extra_files"]])
     out["rss_before"] = rss0
-    out["peak_rss"] = _peak_rss()
+    out["peak_rss"] = peak_rss()
     out["peak_rss_delta"] = out["peak_rss"] - rss0
     return out
 

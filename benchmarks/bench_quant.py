@@ -22,18 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import rel_l2
 from torch import nn
 
 from wan_local.memory.quant import QuantLinear
 
 log = logging.getLogger("bench_quant")
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64."""
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

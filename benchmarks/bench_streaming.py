@@ -31,6 +31,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from common import rss
 from torch import nn
 
 from wan_local.memory.streaming import BlockStreamer, block_nbytes, move_unstreamed
@@ -39,10 +40,6 @@ from wan_local.models.dit import DiTBlock, DiTConfig, WanDiT, rope_table
 REPO = Path(__file__).resolve().parents[1]
 GB = 1e9
 log = logging.getLogger("bench_streaming")
-
-
-def _rss() -> int:
-    return psutil.Process().memory_info().rss
 
 
 def _peak_rss() -> int | None:
@@ -118,17 +115,17 @@ def bench_cpu(args: argparse.Namespace) -> dict:
     x = torch.randn(1, 16, 1, 2 * h, 2 * w)
     t = torch.tensor([700.0])
     context = [torch.randn(min(64, cfg.text_len), cfg.text_dim)]
-    rss0 = _rss()
+    rss0 = rss()
     torch.manual_seed(1)
     resident_model = WanDiT(cfg).eval()
-    rss_model = _rss()
+    rss_model = rss()
     torch.manual_seed(1)
     model = WanDiT(cfg).eval()  # the same weights, streamed; both run alternately so load noise hits both
-    rss_two = _rss()
+    rss_two = rss()
     block_bytes = sum(block_nbytes(b) for b in model.blocks)
     streamer = BlockStreamer(model, range(cfg.num_layers), "cpu", args.depth).install()
     gc.collect()
-    rss_installed = _rss()
+    rss_installed = rss()
     resident_times, streamed_times = [], []
     with torch.inference_mode():
         resident_out, streamed_out = resident_model(x, t, context), model(x, t, context)  # warm-up

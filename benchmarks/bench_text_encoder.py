@@ -34,6 +34,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from common import peak_rss, reset_peak_rss, rss
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -53,33 +54,6 @@ XXL = {
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 log = logging.getLogger("bench_text_encoder")
-
-
-def _rss() -> int:
-    return psutil.Process().memory_info().rss
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _init_std(name: str, shape: tuple[int, ...], cfg: dict) -> float | None:
@@ -136,19 +110,19 @@ def run_layers(args: argparse.Namespace, layers: int) -> dict:
         torch.set_num_threads(args.threads)
     config = {**XXL, "num_layers": layers}
     dtype = DTYPES[args.dtype]
-    rss0 = _rss()
+    rss0 = rss()
     t0 = time.perf_counter()
     encoder = TextEncoder.from_state_dict(UMT5Config(**config), random_state_dict(config, dtype))
     build_s = time.perf_counter() - t0
     weight_bytes = sum(t.numel() * t.element_size() for t in encoder.parameters())
-    rss_built = _rss()
+    rss_built = rss()
     gen = torch.Generator().manual_seed(1)
     runs = []
     for tokens in sorted(args.tokens):  # ascending: each length's peak RSS delta is its own growth
         ids = torch.randint(1, config["vocab_size"], (1, tokens), generator=gen)
         mask = torch.ones(1, tokens, dtype=torch.long)
-        _reset_peak_rss()
-        rss_before = _rss()
+        reset_peak_rss()
+        rss_before = rss()
         out = encoder.encode(ids, mask)[0]  # warm-up
         times, cpu_times = [], []
         for _ in range(args.repeats):
@@ -172,7 +146,7 @@ def run_layers(args: argparse.Namespace, layers: int) -> dict:
                 "output_shape": list(out.shape),
                 "output_finite": bool(torch.isfinite(out).all()),
                 "output_std": float(out.float().std()),
-                "peak_rss_delta": _peak_rss() - rss_before,
+                "peak_rss_delta": peak_rss() - rss_before,
             }
         )
     return {
@@ -184,7 +158,7 @@ def run_layers(args: argparse.Namespace, layers: int) -> dict:
         "build_s": build_s,
         "rss_start": rss0,
         "rss_built": rss_built,
-        "peak_rss": _peak_rss(),
+        "peak_rss": peak_rss(),
         "runs": runs,
     }
 

@@ -53,6 +53,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from common import rel_l2, rss
 
 from wan_local.memory.streaming import BlockStreamer, block_nbytes, move_unstreamed
 from wan_local.models.dit import DiTConfig, WanDiT
@@ -67,16 +68,6 @@ SIZES = {"480p": (21, 60, 104), "720p": (21, 90, 160)}  # latent T, H, W of 832x
 # Relative L2 of our fp32 output to diffusers' fp32 output; measured ~1e-6 (tests/test_formats.py uses the same).
 FP32_BOUND = 1e-5
 log = logging.getLogger("bench_vs_diffusers")
-
-
-def _rss() -> int:
-    return psutil.Process().memory_info().rss
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64 (NaN when either holds a NaN)."""
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -345,7 +336,7 @@ def _run_capped(
         run["peak_allocated"] = torch.cuda.max_memory_allocated(device)
         run["peak_reserved"] = torch.cuda.max_memory_reserved(device)
         run["oom"] = False
-        run["rss"] = _rss()  # host memory of the whole process (all weights copies alive at that point)
+        run["rss"] = rss()  # host memory of the whole process (all weights copies alive at that point)
         out = out.float().cpu()
         log.info(
             "CUDA %-9s cap %-8s %.3f s min / %.3f s median per forward, peak %.2f GiB allocated (%.2f reserved)",
@@ -428,11 +419,11 @@ def bench_cuda(args: argparse.Namespace) -> dict:
         streamed = list(range(cfg.num_layers))
         move_unstreamed(model, streamed, device)
         pinned_cap = int(0.5 * psutil.virtual_memory().total)
-        rss0 = _rss()
+        rss0 = rss()
         streamer = BlockStreamer(model, streamed, device, args.depth, pinned_cap).install()
         # Our slabs replace the model's block tensors; here the originals stay alive (diffusers' model holds them),
         # so the delta is what streaming adds on top of one copy of the weights.
-        result["streamer_rss_delta"] = _rss() - rss0
+        result["streamer_rss_delta"] = rss() - rss0
         for cap in caps:
             streamer.reset_stats()
             run, out = _run_capped("streamed", ours_forward(model, inp, low), cap, args, device)
@@ -446,7 +437,7 @@ def bench_cuda(args: argparse.Namespace) -> dict:
     del host_sd  # diffusers pins its own copies: let the originals go once they are re-pointed
     if "diffusers" in args.modes:
         gc.collect()
-        rss0 = _rss()
+        rss0 = rss()
         ref.enable_group_offload(
             onload_device=device,
             offload_device=torch.device("cpu"),
@@ -462,7 +453,7 @@ def bench_cuda(args: argparse.Namespace) -> dict:
             "use_stream": True,
             "record_stream": args.record_stream,
             "low_cpu_mem_usage": False,
-            "rss_delta_setup": _rss() - rss0,  # what enable_group_offload added on top of the weights
+            "rss_delta_setup": rss() - rss0,  # what enable_group_offload added on top of the weights
         }
         for cap in caps:
             record(*_run_capped("diffusers", diffusers_forward(ref, inp, low), cap, args, device))

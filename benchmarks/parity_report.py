@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import rel_l2
 from safetensors.torch import load_file
 
 from wan_local.memory import experts as experts_module
@@ -23,11 +24,6 @@ from wan_local.prompt import PromptTokenizer
 from wan_local.weights.loading import load_dit, load_text_encoder, load_vae
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def rel_l2(a: torch.Tensor, e: torch.Tensor) -> float:
-    a, e = a.double(), e.double()
-    return float((a - e).norm() / e.norm().clamp_min(1e-30))
 
 
 def component_errors(root: Path) -> dict[str, float]:

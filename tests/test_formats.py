@@ -34,9 +34,11 @@ GOLDEN_TOL = 1e-5
 # Our DiT vs diffusers' WanTransformer3DModel, same weights, fp32. Diffusers computes some steps differently
 # (fp32 sinusoid, residual casts, fused attention processor); measured rel. L2 ~1.5e-6 (t2v / i2v / ti2v).
 DIFFUSERS_DIT_TOL = 1e-5
-# VAE vs diffusers' AutoencoderKLWan: the same convolutions in the same order; measured 0 (bit-identical) for
-# encode and decode on this machine; the bound leaves room for other conv kernels.
-DIFFUSERS_VAE_TOL = 1e-6
+# VAE vs diffusers' AutoencoderKLWan: the same convolutions, but diffusers' decode order of operations changes
+# between releases. Measured encode / decode rel. L2: 0 / 0 with diffusers 0.35, 3.3e-8 / 4.7e-6 (wan2.1) and
+# 1.4e-7 / 1.5e-6 (wan2.2) with 0.42.1: float32 rounding through ~20 stacked convolutions. A wrong key or layout
+# gives O(1), so 2e-5 (4x the largest measured) holds for any diffusers release the test extra admits.
+DIFFUSERS_VAE_TOL = 2e-5
 # DiT file with every block Linear weight in float8_e4m3fn (per-layer scale = absmax / 448), other tensors fp32:
 # rel. L2 to the golden dit_t2v output measured 1.2e-2 (e4m3 keeps 3 mantissa bits: up to 6 % per weight).
 FP8_GOLDEN_TOL = 3e-2

@@ -89,6 +89,21 @@ def test_prompt_cache_skips_the_text_encoder(tiny, tmp_path, monkeypatch):
     assert loads == [1, 1], "a new negative prompt needs the encoder again"
 
 
+@pytest.mark.parametrize("quant", ["none", "int8", "fp8"])
+def test_first_and_later_starts_give_the_same_video(tiny, tmp_path, quant):
+    """The first start (quantizing, writing the cache) and a later one (reading it) compute the same bits."""
+    memory = MemoryOptions(quant=quant, keep_idle_expert="drop")
+    runs = []
+    for _ in range(2):
+        pipe = WanPipeline(tiny / "t2v-A14B", "t2v-A14B", "cpu", torch.float32, memory, cache_dir=tmp_path)
+        runs.append(pipe.generate(_settings(steps=6)).latent)
+        assert sorted(pipe.experts.loads) == ["high_noise", "low_noise"]
+        pipe.close()
+    if quant != "none":
+        assert len(list((tmp_path / "quantized").iterdir())) == 2, "both experts were cached by the first start"
+    assert torch.equal(runs[0], runs[1])
+
+
 @pytest.mark.parametrize(("quant", "bound"), [("int8", 2e-2), ("fp8", 8e-2)])
 def test_quantized_run_stays_close(tiny, tmp_path, golden, quant, bound):
     pipe = WanPipeline(

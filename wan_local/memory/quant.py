@@ -731,10 +731,18 @@ class QuantCache:
     def get_or_create(
         self, sources: Sequence[Path], mode: str, scope: str, build: Callable[[], StateDict]
     ) -> StateDict:
-        """The cached state dict, or `build()` stored for next time."""
+        """The cached state dict, or `build()` stored for next time and read back from the cache file.
+
+        The first start computes with the very tensors later starts read (the memory-mapped cache file), not with
+        the in-memory result: a GEMM's bits depend on where its weights lie in memory (the kernel picks its code
+        path by alignment), so a first start computing from other addresses would differ from every later one.
+        Reading back also frees the quantized copy in anonymous memory (the mapped pages are reclaimable).
+        """
         cached = self.load(sources, mode, scope)
         if cached is not None:
             return cached
         sd = build()
-        self.store(sources, mode, scope, sd)
-        return sd
+        if self.store(sources, mode, scope, sd) is None:
+            return sd  # disk full or read-only: this start computes from memory (logged by store)
+        stored = self.load(sources, mode, scope)
+        return sd if stored is None else stored

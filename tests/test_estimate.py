@@ -15,8 +15,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from wan_local.errors import InputError
 from wan_local.machine import MachineInfo
 from wan_local.memory import estimate as E
+from wan_local.memory.bytes import official_dit_config, tokens_for
 from wan_local.memory.options import MemoryOptions
-from wan_local.memory.plan import PlanError, official_dit_config, tokens_for
+from wan_local.memory.plan import PlanError
 from wan_local.models.dit import DiTBlock
 from wan_local.models.vae21 import WanVAE21
 from wan_local.models.vae22 import WanVAE22
@@ -243,7 +244,8 @@ def test_cli_rejects_contradictions(cli):
 
 def test_components_are_sized_from_the_checkpoint(tiny):
     """A checkpoint's own text encoder and VAE sizes replace the official ones (tiny models -> tiny RAM)."""
-    from wan_local.memory.plan import component_bytes_for_checkpoint, dit_config_for_checkpoint, text_encoder_bytes
+    from wan_local.memory.bytes import text_encoder_bytes
+    from wan_local.weights.headers import component_bytes_for_checkpoint, dit_config_for_checkpoint
 
     comp = component_bytes_for_checkpoint(tiny / "t2v-A14B", "t2v-A14B")
     assert 0 < comp.text_encoder_bytes < text_encoder_bytes() / 1000

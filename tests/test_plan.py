@@ -14,11 +14,13 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from wan_local.errors import CheckpointError, InputError
+from wan_local.memory import bytes as B
 from wan_local.memory import plan as P
 from wan_local.memory.options import MemoryOptions
 from wan_local.memory.quant import is_quant_target
 from wan_local.models.dit import _MOD_CHUNK_TOKENS, _ROPE_CHUNK_TOKENS, DiTBlock, WanDiT
 from wan_local.specs import get_task
+from wan_local.weights import headers as H
 from wan_local.weights.files import read_state_dict
 from wan_local.weights.loading import read_dit
 
@@ -42,7 +44,7 @@ JOBS = {  # budgets.md's reference jobs: task, width, height, frames
 @pytest.fixture(scope="module")
 def meta_models() -> dict[str, WanDiT]:
     with torch.device("meta"):
-        return {task: WanDiT(P.official_dit_config(task)) for task in ("t2v-A14B", "ti2v-5B")}
+        return {task: WanDiT(B.official_dit_config(task)) for task in ("t2v-A14B", "ti2v-5B")}
 
 
 def _expected_bytes(module: nn.Module, prefix: str, quant: str, scope: str) -> int:
@@ -61,7 +63,7 @@ def _expected_bytes(module: nn.Module, prefix: str, quant: str, scope: str) -> i
 @pytest.mark.parametrize("task", ["t2v-A14B", "ti2v-5B"])
 def test_dit_bytes_match_the_real_model(meta_models, task, quant, scope):
     model = meta_models[task]
-    mb = P.dit_bytes(P.official_dit_config(task), quant, scope)
+    mb = B.dit_bytes(B.official_dit_config(task), quant, scope)
     assert mb.params == sum(p.numel() for p in model.parameters())
     assert mb.num_blocks == len(model.blocks)
     for i, block in enumerate(model.blocks):
@@ -77,30 +79,30 @@ def test_dit_bytes_match_the_real_model(meta_models, task, quant, scope):
 
 def test_dit_bytes_agree_with_budgets():
     # Totals from the fact sheet §1.1 / budgets.md.
-    a14b, i2v, ti2v = (P.official_dit_config(t) for t in ("t2v-A14B", "i2v-A14B", "ti2v-5B"))
-    assert P.dit_bytes(a14b).params == 14_288_491_584
-    assert P.dit_bytes(i2v).params == 14_288_901_184
-    assert P.dit_bytes(ti2v).params == 4_999_787_712
+    a14b, i2v, ti2v = (B.official_dit_config(t) for t in ("t2v-A14B", "i2v-A14B", "ti2v-5B"))
+    assert B.dit_bytes(a14b).params == 14_288_491_584
+    assert B.dit_bytes(i2v).params == 14_288_901_184
+    assert B.dit_bytes(ti2v).params == 4_999_787_712
     for cfg, block_bf16, block_8bit, blocks_bf16, blocks_8bit, non_block_params in (
         (a14b, 703e6, 351e6, 28.1e9, 14.1e9, 232.7e6),
         (ti2v, 327e6, 164e6, 9.8e9, 4.9e9, 90.1e6),
     ):
-        bf16, int8 = P.dit_bytes(cfg), P.dit_bytes(cfg, "int8")
+        bf16, int8 = B.dit_bytes(cfg), B.dit_bytes(cfg, "int8")
         assert bf16.block_bytes[0] == pytest.approx(block_bf16, rel=5e-3)
         assert int8.block_bytes[0] == pytest.approx(block_8bit, rel=5e-3)
         assert bf16.blocks_total_bytes == pytest.approx(blocks_bf16, rel=5e-3)
         assert int8.blocks_total_bytes == pytest.approx(blocks_8bit, rel=5e-3)
         assert bf16.non_block_bytes / 2 == pytest.approx(non_block_params, rel=1e-3)
         assert int8.non_block_bytes == bf16.non_block_bytes  # non-block weights are never quantized
-    assert P.text_encoder_bytes() == pytest.approx(11.36e9, rel=1e-3)
+    assert B.text_encoder_bytes() == pytest.approx(11.36e9, rel=1e-3)
 
 
 def test_dit_bytes_rejects_unknown_modes():
-    cfg = P.official_dit_config("ti2v-5B")
+    cfg = B.official_dit_config("ti2v-5B")
     with pytest.raises(InputError, match="quant="):
-        P.dit_bytes(cfg, "int4")
+        B.dit_bytes(cfg, "int4")
     with pytest.raises(InputError, match="quant_scope="):
-        P.dit_bytes(cfg, "int8", "attn")
+        B.dit_bytes(cfg, "int8", "attn")
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -111,7 +113,7 @@ def test_config_for_checkpoint_matches_the_loader(tiny, task):
     spec = get_task(task)
     folder = tiny / task / ("high_noise_model" if spec.two_experts else "")
     expected, _, _ = read_dit(folder, torch.float32)
-    assert P.dit_config_for_checkpoint(tiny / task, task) == expected
+    assert H.dit_config_for_checkpoint(tiny / task, task) == expected
 
 
 def test_config_for_single_file_checkpoint(tiny, tmp_path):
@@ -120,16 +122,16 @@ def test_config_for_single_file_checkpoint(tiny, tmp_path):
     path = tmp_path / "wan2.2_ti2v_5B.safetensors"
     save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in sd.items()}, str(path),
               metadata={"config": json.dumps({"num_heads": expected.num_heads})})  # fmt: skip
-    assert P.read_dit_config(path) == expected
+    assert H.read_dit_config(path) == expected
 
 
 def test_config_for_checkpoint_of_the_wrong_task(tiny):
     with pytest.raises(CheckpointError):
-        P.dit_config_for_checkpoint(tiny / "ti2v-5B", "t2v-A14B")
+        H.dit_config_for_checkpoint(tiny / "ti2v-5B", "t2v-A14B")
 
 
 def test_official_config_is_the_fact_sheet():
-    cfg = P.official_dit_config("i2v-a14b")
+    cfg = B.official_dit_config("i2v-a14b")
     assert (cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.num_layers, cfg.in_dim, cfg.out_dim) == (
         5120, 13824, 40, 40, 36, 16,
     )  # fmt: skip
@@ -140,14 +142,14 @@ def test_official_config_is_the_fact_sheet():
 
 
 def test_tokens_agree_with_budgets():
-    assert P.tokens_for(get_task("t2v-A14B"), 832, 480, 81) == 32_760
-    assert P.tokens_for(get_task("t2v-A14B"), 1280, 720, 81) == 75_600
-    assert P.tokens_for(get_task("ti2v-5B"), 1280, 704, 121) == 27_280
-    assert P.latent_grid(get_task("ti2v-5B"), 1280, 704, 121) == (31, 44, 80)
+    assert B.tokens_for(get_task("t2v-A14B"), 832, 480, 81) == 32_760
+    assert B.tokens_for(get_task("t2v-A14B"), 1280, 720, 81) == 75_600
+    assert B.tokens_for(get_task("ti2v-5B"), 1280, 704, 121) == 27_280
+    assert B.latent_grid(get_task("ti2v-5B"), 1280, 704, 121) == (31, 44, 80)
     with pytest.raises(InputError, match="multiples of 32"):
-        P.tokens_for(get_task("ti2v-5B"), 1280, 720, 121)
+        B.tokens_for(get_task("ti2v-5B"), 1280, 720, 121)
     with pytest.raises(InputError, match="4k\\+1"):
-        P.tokens_for(get_task("t2v-A14B"), 832, 480, 80)
+        B.tokens_for(get_task("t2v-A14B"), 832, 480, 80)
 
 
 # ----------------------------------------------------------------------------------------------- activations
@@ -159,7 +161,7 @@ def test_tokens_agree_with_budgets():
 )
 def test_activation_terms_agree_with_budgets(job, residual_gb, ffn_gb, qkv_gb):
     task, w, h, f = JOBS[job]
-    terms = P.activation_terms(P.official_dit_config(task), P.tokens_for(get_task(task), w, h, f))
+    terms = B.activation_terms(B.official_dit_config(task), B.tokens_for(get_task(task), w, h, f))
     assert terms.residual_bytes / GB == pytest.approx(residual_gb, abs=0.006)
     assert terms.ffn_hidden_bytes / GB == pytest.approx(ffn_gb, abs=0.006)
     assert terms.qkv_bytes / GB == pytest.approx(qkv_gb, abs=0.006)
@@ -189,7 +191,7 @@ class _LiveBytes(TorchDispatchMode):
 
 def _traced_block_peak(task: str, tokens: int, per_token_t: bool, ffn_chunk_tokens: int | None = None) -> int:
     """Live-bytes peak of one real DiTBlock forward at full size under bf16 autocast (fake tensors: no memory)."""
-    cfg = P.official_dit_config(task)
+    cfg = B.official_dit_config(task)
     c = cfg.dim
     with FakeTensorMode():
         block = DiTBlock(cfg)
@@ -213,8 +215,8 @@ def _traced_block_peak(task: str, tokens: int, per_token_t: bool, ffn_chunk_toke
 @pytest.mark.parametrize("job", list(JOBS))
 def test_activation_model_matches_a_traced_block(job, chunk):
     task, w, h, f = JOBS[job]
-    tokens = P.tokens_for(get_task(task), w, h, f)
-    terms = P.activation_terms(P.official_dit_config(task), tokens, chunk)
+    tokens = B.tokens_for(get_task(task), w, h, f)
+    terms = B.activation_terms(B.official_dit_config(task), tokens, chunk)
     traced = _traced_block_peak(task, tokens, per_token_t=task == "ti2v-5B", ffn_chunk_tokens=chunk)
     assert terms.block_peak_bytes == pytest.approx(traced, rel=1e-4)
     # The peak of the forward adds the block's input residual and what lives through the forward.
@@ -228,41 +230,41 @@ def test_activation_model_matches_a_traced_block(job, chunk):
 )
 def test_activation_model_holds_for_short_videos_and_odd_chunks(task, tokens, chunk):
     """Short sequences (context-sized cross-attention, one RoPE / modulation chunk) and chunks not dividing L."""
-    terms = P.activation_terms(P.official_dit_config(task), tokens, chunk)
+    terms = B.activation_terms(B.official_dit_config(task), tokens, chunk)
     traced = _traced_block_peak(task, tokens, per_token_t=task == "ti2v-5B", ffn_chunk_tokens=chunk)
     assert terms.block_peak_bytes == pytest.approx(traced, rel=1e-4)
 
 
 def test_block_peak_is_about_ten_residual_widths():
     """The lean block: ~10 bytes per token and channel with the FFN chunked, 6 + 2 F / C unchunked (14B: 11.4)."""
-    cfg = P.official_dit_config("t2v-A14B")
-    tokens = P.tokens_for(get_task("t2v-A14B"), 1280, 720, 81)
+    cfg = B.official_dit_config("t2v-A14B")
+    tokens = B.tokens_for(get_task("t2v-A14B"), 1280, 720, 81)
     lc = tokens * cfg.dim
-    assert P.activation_terms(cfg, tokens).block_peak_bytes / lc == pytest.approx(6 + 2 * cfg.ffn_dim / cfg.dim, 1e-3)
-    assert P.activation_terms(cfg, tokens, 4096).block_peak_bytes / lc == pytest.approx(10, rel=5e-3)
+    assert B.activation_terms(cfg, tokens).block_peak_bytes / lc == pytest.approx(6 + 2 * cfg.ffn_dim / cfg.dim, 1e-3)
+    assert B.activation_terms(cfg, tokens, 4096).block_peak_bytes / lc == pytest.approx(10, rel=5e-3)
 
 
 def test_ffn_chunking_bounds_the_ffn_phase():
-    cfg = P.official_dit_config("ti2v-5B")
-    tokens = P.tokens_for(get_task("ti2v-5B"), 1280, 704, 121)
-    full, chunked = P.activation_terms(cfg, tokens), P.activation_terms(cfg, tokens, 4096)
+    cfg = B.official_dit_config("ti2v-5B")
+    tokens = B.tokens_for(get_task("ti2v-5B"), 1280, 704, 121)
+    full, chunked = B.activation_terms(cfg, tokens), B.activation_terms(cfg, tokens, 4096)
     assert full.modulation_bytes + full.ffn_bytes == full.block_peak_bytes  # the 5B's wide FFN dominates unchunked
     assert chunked.ffn_hidden_bytes == 2 * 4096 * cfg.ffn_dim
     assert chunked.ffn_bytes < full.ffn_bytes and chunked.peak_bytes < full.peak_bytes
     assert chunked.block_peak_bytes == chunked.modulation_bytes + max(
         chunked.self_attn_kernel_bytes, chunked.cross_attn_bytes
     )
-    assert P.activation_terms(cfg, tokens, 10**6) == P.activation_terms(cfg, tokens, 10**6)
-    assert P.activation_bytes(cfg, tokens, 10**6) == full.peak_bytes  # a chunk larger than L changes nothing
-    assert P.ROPE_CHUNK_TOKENS == _ROPE_CHUNK_TOKENS
-    assert P.MOD_CHUNK_TOKENS == _MOD_CHUNK_TOKENS
+    assert B.activation_terms(cfg, tokens, 10**6) == B.activation_terms(cfg, tokens, 10**6)
+    assert B.activation_bytes(cfg, tokens, 10**6) == full.peak_bytes  # a chunk larger than L changes nothing
+    assert B.ROPE_CHUNK_TOKENS == _ROPE_CHUNK_TOKENS
+    assert B.MOD_CHUNK_TOKENS == _MOD_CHUNK_TOKENS
 
 
 def test_vae_and_text_encoder_constants_match_the_models():
     from wan_local.memory import vae_tiling
 
     for vae in ("wan2.1", "wan2.2"):
-        assert P.vae_weight_bytes(vae) == vae_tiling.weight_bytes(vae)
+        assert B.vae_weight_bytes(vae) == vae_tiling.weight_bytes(vae)
 
 
 # ------------------------------------------------------------------------------------------------------ plans
@@ -270,12 +272,12 @@ def test_vae_and_text_encoder_constants_match_the_models():
 
 def _job(job: str, quant: str = "int8"):
     task, w, h, f = JOBS[job]
-    spec, cfg = get_task(task), P.official_dit_config(task)
-    tokens = P.tokens_for(spec, w, h, f)
+    spec, cfg = get_task(task), B.official_dit_config(task)
+    tokens = B.tokens_for(spec, w, h, f)
     return (
-        P.dit_bytes(cfg, quant),
-        lambda chunk: P.activation_bytes(cfg, tokens, chunk),
-        P.pipeline_bytes_for(spec, w, h, f),
+        B.dit_bytes(cfg, quant),
+        lambda chunk: B.activation_bytes(cfg, tokens, chunk),
+        B.pipeline_bytes_for(spec, w, h, f),
     )
 
 
@@ -285,7 +287,7 @@ def _plan(job, quant="int8", free=FREE_24, ram=RAM_64, cap=None, vae_fn=None, **
     return P.plan_residency(model, act, free, RESERVE, ram, cap, MemoryOptions(quant=quant, **options), vae_fn, pipe)
 
 
-def _check_fits_and_is_maximal(plan: P.ResidencyPlan, model: P.ModelBytes) -> None:
+def _check_fits_and_is_maximal(plan: P.ResidencyPlan, model: B.ModelBytes) -> None:
     """The plan's VRAM fits, and one more resident block (with the fewest buffers) would not."""
     block = model.block_bytes[0]
     fixed = model.non_block_bytes + model.dequant_scratch_bytes + plan.activation_bytes

@@ -41,7 +41,7 @@ def load_dit_config(model_dir: str | Path | None, task: str) -> Any:
     if not model_dir:
         return None
     try:
-        from wan_local.memory.plan import dit_config_for_checkpoint
+        from wan_local.weights.headers import dit_config_for_checkpoint
 
         return dit_config_for_checkpoint(model_dir, task)
     except Exception as exc:  # optional refinement: the official config is used instead
@@ -54,7 +54,7 @@ def load_components(model_dir: str | Path | None, task: str) -> Any:
     if not model_dir:
         return None
     try:
-        from wan_local.memory.plan import component_bytes_for_checkpoint
+        from wan_local.weights.headers import component_bytes_for_checkpoint
 
         return component_bytes_for_checkpoint(model_dir, task)
     except Exception as exc:  # optional refinement, like load_dit_config

@@ -10,9 +10,7 @@ with bf16 weights, the VAE in float32; `dtype=torch.float32` gives the float32 r
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -24,84 +22,28 @@ import torch
 from PIL import Image
 
 from wan_local import __version__, paths
+from wan_local.engine.request import GenerationSettings
 from wan_local.errors import InputError
 from wan_local.machine import detect_machine
 from wan_local.memory.estimate import JobEstimate, estimate_job
 from wan_local.memory.experts import ExpertSlots
 from wan_local.memory.options import MemoryOptions
-from wan_local.memory.plan import ResidencyPlan, component_bytes_for_checkpoint, dit_config_for_checkpoint
+from wan_local.memory.plan import ResidencyPlan
 from wan_local.memory.vae_tiling import choose_tile, default_overlap, tiled_decode, tiled_encode
 from wan_local.models.attention import use_backend as use_attention_backend
 from wan_local.prompt import PromptTokenizer
 from wan_local.sampling import conditioning as cond
 from wan_local.sampling.denoise import LOW_NOISE, CancelToken, Guidance, StepEvent, denoise
-from wan_local.sampling.schedule import SCHEDULE_SOLVERS, make_schedule
+from wan_local.sampling.schedule import make_schedule
 from wan_local.sampling.solvers import make_solver
-from wan_local.specs import TaskSpec, check_frames, check_size, get_task
+from wan_local.specs import TaskSpec, get_task
 from wan_local.text_cache import PromptCache, cache_key
 from wan_local.video import load_image
+from wan_local.weights.headers import component_bytes_for_checkpoint, dit_config_for_checkpoint
 from wan_local.weights.layout import CheckpointSet, find_checkpoints
 from wan_local.weights.loading import load_text_encoder, load_vae
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Everything that determines a video. `None` fields take the task's official default on `resolve`.
-
-    size is (width, height); for image tasks it only gives the area (the image gives the aspect).
-    guide_scale is (low-noise expert, high-noise expert). seed -1 means "pick one" (the resolved seed is kept).
-    """
-
-    task: str
-    prompt: str
-    negative_prompt: str = ""
-    image: str | None = None
-    size: tuple[int, int] | None = None
-    frames: int | None = None
-    steps: int | None = None
-    shift: float | None = None
-    guide_scale: tuple[float, float] | None = None
-    solver: str = "unipc"
-    seed: int = -1
-
-    def resolve(self) -> GenerationSettings:
-        """Fill defaults, pick a seed, validate; raise InputError naming the first bad setting."""
-        spec = get_task(self.task)
-        size = tuple(self.size) if self.size is not None else spec.default_size
-        frames = self.frames if self.frames is not None else spec.frames
-        check_size(spec, *size)
-        check_frames(spec, frames)
-        if spec.needs_image and not self.image:
-            raise InputError(f"{spec.name} needs an input image (--image)")
-        if self.image and not spec.accepts_image:
-            raise InputError(f"{spec.name} takes no image; use i2v-A14B or ti2v-5B for image-to-video")
-        if self.solver not in SCHEDULE_SOLVERS:
-            raise InputError(f"unknown solver {self.solver!r}; choose one of {', '.join(SCHEDULE_SOLVERS)}")
-        steps = self.steps if self.steps is not None else spec.steps
-        if steps < 1:
-            raise InputError(f"steps must be at least 1, got {steps}")
-        shift = self.shift if self.shift is not None else spec.shift
-        if shift <= 0:
-            raise InputError(f"shift must be > 0, got {shift}")
-        seed = self.seed if self.seed >= 0 else random.randint(0, sys.maxsize)
-        return dataclasses.replace(
-            self,
-            task=spec.name,
-            size=(int(size[0]), int(size[1])),
-            frames=int(frames),
-            steps=int(steps),
-            shift=float(shift),
-            guide_scale=tuple(float(g) for g in (self.guide_scale or spec.guide_scale)),
-            seed=int(seed),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["size"] = f"{self.size[0]}*{self.size[1]}" if self.size else None
-        data["guide_scale"] = list(self.guide_scale) if self.guide_scale else None
-        return data
 
 
 @dataclass

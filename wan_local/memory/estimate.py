@@ -24,6 +24,19 @@ from typing import TYPE_CHECKING, TextIO
 
 from wan_local.errors import InputError
 from wan_local.machine import MachineInfo, detect_machine
+from wan_local.memory.bytes import (
+    GIB,
+    TEXT_ENCODER_PARAMS,
+    ComponentBytes,
+    ModelBytes,
+    activation_bytes,
+    dit_bytes,
+    latent_grid,
+    official_dit_config,
+    pipeline_bytes_for,
+    tokens_for,
+    vae_weight_bytes,
+)
 from wan_local.memory.options import (
     IDLE_EXPERT_POLICIES,
     OFFLOAD_MODES,
@@ -32,23 +45,7 @@ from wan_local.memory.options import (
     VAE_TILING,
     MemoryOptions,
 )
-from wan_local.memory.plan import (
-    GIB,
-    TEXT_ENCODER_PARAMS,
-    ComponentBytes,
-    ModelBytes,
-    ResidencyPlan,
-    activation_bytes,
-    default_pinned_cap_bytes,
-    dit_bytes,
-    latent_grid,
-    official_dit_config,
-    pipeline_bytes_for,
-    plan_cpu,
-    plan_residency,
-    tokens_for,
-    vae_weight_bytes,
-)
+from wan_local.memory.plan import ResidencyPlan, default_pinned_cap_bytes, plan_cpu, plan_residency
 from wan_local.specs import TASKS, TaskSpec, get_task, parse_size
 
 if TYPE_CHECKING:
@@ -453,7 +450,7 @@ def run_estimate(args: argparse.Namespace, out: TextIO | None = None) -> int:
     )
     cfg = components = None
     if args.ckpt_dir:
-        from wan_local.memory.plan import component_bytes_for_checkpoint, dit_config_for_checkpoint
+        from wan_local.weights.headers import component_bytes_for_checkpoint, dit_config_for_checkpoint
 
         cfg = dit_config_for_checkpoint(args.ckpt_dir, spec.name)
         components = component_bytes_for_checkpoint(args.ckpt_dir, spec.name)

@@ -573,7 +573,7 @@ def load_quantized_dit(
         # an fp32 A14B expert's 57 GB just to find the cached int8 copy would dominate every start).
         cached = cache.load(source_files(path), mode, scope)
         if cached is not None:
-            from wan_local.memory.plan import read_dit_config
+            from wan_local.weights.headers import read_dit_config
 
             cfg = read_dit_config(path)
             if expected_model_type is not None and cfg.model_type != expected_model_type:

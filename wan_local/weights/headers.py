@@ -1,0 +1,101 @@
+"""DiT configs and component sizes read from checkpoint headers (safetensors headers, memory-mapped .pth), never
+tensor data. `wan_local.engine.checkpoint` calls these once per job; nothing else should.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from wan_local.errors import CheckpointError
+from wan_local.memory.bytes import BF16_BYTES, ComponentBytes
+from wan_local.specs import get_task
+
+if TYPE_CHECKING:
+    from wan_local.models.dit import DiTConfig
+
+
+def _header_shapes(path: Path) -> dict[str, Any]:
+    """{tensor name: object with .shape} from safetensors headers only (a file, or every file of a folder)."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    shapes: dict[str, Any] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                shapes.update({k: SimpleNamespace(shape=tuple(f.get_slice(k).get_shape())) for k in f.keys()})  # noqa: SIM118
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({exc})") from exc
+    return shapes
+
+
+def read_dit_config(path: Path) -> DiTConfig:
+    """DiTConfig of a DiT folder (config.json) or single file (header shapes), reading no tensor data."""
+    from wan_local.weights import keymaps
+    from wan_local.weights.files import read_safetensors_metadata
+    from wan_local.weights.loading import (
+        dit_config_from_diffusers,
+        dit_config_from_official,
+        dit_config_from_state_dict,
+    )
+
+    if path.is_dir():
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"cannot read {path / 'config.json'}: {exc}") from exc
+        if config.get("_class_name") == "WanTransformer3DModel":
+            return dit_config_from_diffusers(config)
+        return dit_config_from_official(config, _header_shapes(path))
+    shapes = keymaps.strip_prefix(_header_shapes(path))
+    if "condition_embedder.time_proj.weight" in shapes:
+        shapes = keymaps.dit_diffusers_to_official(shapes)
+    try:
+        hints = json.loads(read_safetensors_metadata(path).get("config", "{}"))
+    except json.JSONDecodeError:
+        hints = {}
+    return dit_config_from_state_dict(shapes, hints)
+
+
+def dit_config_for_checkpoint(ckpt_dir: Path | str, task: str) -> DiTConfig:
+    """The real DiT config of the checkpoint of `task` under `ckpt_dir` (any of the three layouts).
+
+    Reads config.json and safetensors headers only, never tensor data. For A14B the high-noise expert is read
+    (both experts have the same shapes).
+    """
+    from wan_local.weights.layout import HIGH, SINGLE, find_checkpoints
+
+    spec = get_task(task)
+    files = find_checkpoints(Path(ckpt_dir), spec)
+    path = files.dit[HIGH if spec.two_experts else SINGLE]
+    try:
+        cfg = read_dit_config(Path(path))
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: missing tensor or config field {exc}") from exc
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: invalid model configuration ({exc})") from exc
+    if cfg.model_type != spec.model_type:
+        raise CheckpointError(f"{path} holds a {cfg.model_type!r} DiT but {spec.name} needs {spec.model_type!r}")
+    return cfg
+
+
+def _param_count(path: Path) -> int:
+    """Number of tensor elements in a safetensors file/folder (headers only) or a .pth (memory-mapped)."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        return sum(math.prod(v.shape) for v in _header_shapes(path).values())
+    from wan_local.weights.files import read_pth
+
+    return sum(t.numel() for t in read_pth(path).values())
+
+
+def component_bytes_for_checkpoint(ckpt_dir: Path | str, task: str) -> ComponentBytes:
+    """ComponentBytes of the checkpoint of `task` under `ckpt_dir`, so estimates fit the files really used."""
+    from wan_local.weights.layout import find_checkpoints
+
+    files = find_checkpoints(Path(ckpt_dir), get_task(task))
+    return ComponentBytes(_param_count(files.text_encoder) * BF16_BYTES, _param_count(files.vae) * 4)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
+import re
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from wan_local.cli import build_parser
 from wan_local.errors import InputError
 from wan_local.machine import MachineInfo
 from wan_local.memory import estimate as E
@@ -195,14 +196,15 @@ def test_device_speed_lookup():
 @pytest.fixture
 def cli(monkeypatch):
     """Parse and run `estimate ...` on a fixed machine (the test box's own does not matter)."""
-    monkeypatch.setattr(E, "detect_machine", lambda: machine(gpu=None, ram_gib=64))
-    parser = argparse.ArgumentParser(prog="wan-local")
-    E.register(parser.add_subparsers(dest="command", required=True))
+    import wan_local.machine
 
-    def run(*argv: str) -> str:
+    monkeypatch.setattr(wan_local.machine, "detect_machine", lambda: machine(gpu=None, ram_gib=64))
+    parser = build_parser()
+
+    def run(*argv: str, admitted: bool = True) -> str:
         args = parser.parse_args(["estimate", *argv])
         out = io.StringIO()
-        assert args.func(args, out=out) == 0
+        assert args.func(args, out=out) == (0 if admitted else 1)
         return out.getvalue()
 
     return run
@@ -238,8 +240,11 @@ def test_cli_rejects_contradictions(cli):
         cli("--task", "ti2v-5B", "--gpu", "Radeon 7900")
     with pytest.raises(InputError, match="--ram-gb"):
         cli("--task", "ti2v-5B", "--ram-gb", "2")
-    with pytest.raises(PlanError, match=r"RAM for UMT5 .* while encoding the prompt"):
-        cli("--task", "ti2v-5B", "--size", "832*480", "--quant", "int8", "--ram-gb", "12", "--cpu")
+    refused = json.loads(
+        cli("--task", "ti2v-5B", "--size", "832*480", "--quant", "int8", "--ram-gb", "12", "--cpu", "--json",
+            admitted=False)
+    )  # fmt: skip
+    assert not refused["admitted"] and re.search(r"RAM for UMT5 .* while encoding the prompt", refused["message"])
 
 
 def test_components_are_sized_from_the_checkpoint(tiny):

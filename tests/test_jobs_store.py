@@ -281,11 +281,14 @@ def test_queue_commands(tiny, tmp_path, capsys):
     db = str(tmp_path / "q.sqlite3")
     gen = ["--task", "t2v-A14B", "--ckpt-dir", str(tiny / "t2v-A14B"), "--size", "64*48", "--frames", "5"]
     assert _cli("queue", "add", *gen, "--prompt", "a fox", "--seed", "3", "--store", db) == 0
-    assert _cli("queue", "add", *gen, "--prompt", "an owl", "--guide-scale", "3,4", "--preset", "gpu24-ram32",
-                "--quant", "int8", "--vram-budget-gb", "10", "--store", db) == 0  # fmt: skip
+    owl = [*gen, "--prompt", "an owl", "--guide-scale", "3,4", "--preset", "gpu24-ram32", "--quant", "int8",
+           "--vram-budget-gb", "10", "--store", db]  # fmt: skip
+    with pytest.raises(InputError, match="Not queued: .*needs a CUDA GPU"):
+        _cli("queue", "add", *owl)  # a GPU preset on this CPU-only machine: refused unless forced
+    assert _cli("queue", "add", *owl, "--force") == 0
     assert _cli("queue", "cancel", "2", "--store", db) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "queued job 1 (seed 3)" and lines[1].startswith("queued job 2")
+    assert lines[0] == "queued job 1 (seed 3, preset cpu)" and lines[1].startswith("queued job 2")
     assert lines[2] == "job 2: cancelled"
     assert _cli("queue", "list", "--json", "--store", db) == 0
     jobs = json.loads(capsys.readouterr().out)
@@ -293,6 +296,7 @@ def test_queue_commands(tiny, tmp_path, capsys):
     assert jobs[0]["settings"]["seed"] == 3 and jobs[0]["resolved_seed"] == 3
     assert jobs[1]["settings"]["guide_scale"] == [3.0, 4.0] and jobs[1]["settings"]["preset"] == "gpu24-ram32"
     assert jobs[1]["settings"]["memory"] == {"quant": "int8", "vram_budget_gb": 10.0}
+    assert jobs[1]["settings"]["force"] is True and jobs[0]["settings"]["force"] is False
     assert _cli("queue", "retry", "2", "--store", db) == 0
     assert _cli("queue", "move", "2", "up", "--store", db) == 0
     assert _cli("queue", "list", "--store", db) == 0

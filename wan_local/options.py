@@ -39,7 +39,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", default="unipc", choices=["unipc", "dpm++", "euler"])
     p.add_argument("--seed", type=int, default=-1, help="random seed (-1: random; the seed used is printed)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="DiT and UMT5 weights (default bf16; fp32 doubles RAM)")
     p.add_argument("--output", type=Path, help="output .mp4 (default: outputs/<task>_<size>_<prompt>_<time>.mp4)")
 
 
@@ -82,6 +82,13 @@ def add_memory_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention", choices=m.ATTENTION_BACKENDS, help="attention kernel")
 
 
+def add_force_option(parser: argparse.ArgumentParser) -> None:
+    """--force: run a job that admission refuses (for experts who know their machine better)."""
+    parser.add_argument(
+        "--force", action="store_true", help="run even when the memory check refuses the job (risks paging / OOM)"
+    )
+
+
 _MEMORY_FLAGS = (
     "quant",
     "quant_scope",
@@ -101,24 +108,17 @@ def memory_overrides(args: argparse.Namespace) -> dict[str, object]:
     return {name: getattr(args, name) for name in _MEMORY_FLAGS if getattr(args, name, None) is not None}
 
 
-def resolve_memory(preset_name: str | None, overrides: dict[str, object], device: str):
-    """(preset name, MemoryOptions): the named preset (or the one picked for this machine) with `overrides` on top.
+def job_settings_from_args(args: argparse.Namespace):
+    """JobSettings from parsed generation and memory options (`generate`, `queue add`)."""
+    from wan_local.engine.request import JobSettings
 
-    On the CPU "auto" takes the CPU preset. Raises InputError for an unknown preset or option value.
-    """
-    import dataclasses
-
-    from wan_local.machine import detect_machine
-    from wan_local.presets import load_presets, pick_preset
-
-    presets = load_presets()
-    if preset_name in (None, "", "auto"):
-        machine = detect_machine()
-        if device == "cpu":
-            machine = dataclasses.replace(machine, gpu_name=None, vram_total_bytes=0, vram_free_bytes=0)
-        preset = pick_preset(machine, presets).preset
-    elif preset_name in presets:
-        preset = presets[preset_name]
-    else:
-        raise InputError(f"unknown preset {preset_name!r}; choose auto or one of {', '.join(presets)}")
-    return preset.name, dataclasses.replace(preset.memory, **overrides)
+    return JobSettings(
+        **generation_fields(args),
+        ckpt_dir=str(args.ckpt_dir),
+        device=args.device,
+        dtype=args.dtype,
+        preset=getattr(args, "preset", None),
+        memory=memory_overrides(args),
+        output=str(args.output.resolve()) if args.output else None,
+        force=bool(getattr(args, "force", False)),
+    )

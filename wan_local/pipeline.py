@@ -84,6 +84,7 @@ class WanPipeline:
         dtype: torch.dtype = torch.bfloat16,
         memory: MemoryOptions | None = None,
         cache_dir: Path | None = None,
+        files: CheckpointSet | None = None,
     ) -> None:
         self.spec = task if isinstance(task, TaskSpec) else get_task(task)
         self.device = torch.device(device)
@@ -92,7 +93,7 @@ class WanPipeline:
         self.dtype = dtype
         self.memory = memory or MemoryOptions()
         self.ckpt_dir = Path(ckpt_dir)
-        self.files: CheckpointSet = find_checkpoints(self.ckpt_dir, self.spec)
+        self.files: CheckpointSet = files if files is not None else find_checkpoints(self.ckpt_dir, self.spec)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else paths.cache_dir()
         self.prompt_cache = PromptCache(self.cache_dir / "prompt-embeddings")
         self.experts = ExpertSlots(
@@ -103,7 +104,8 @@ class WanPipeline:
     # ------------------------------------------------------------------------------------------------ stages
 
     def estimate(self, s: GenerationSettings) -> JobEstimate | None:
-        """The residency plan and cost of `s` on this machine (CUDA only; on the CPU everything is resident)."""
+        """The residency plan and cost of `s` on this machine, for callers that pass no plan to `generate` (CUDA
+        only; on the CPU everything is then resident). The engine's runner passes the admitted plan instead."""
         if self.device.type != "cuda":
             return None
         config = dit_config_for_checkpoint(self.ckpt_dir, self.spec.name)
@@ -204,11 +206,13 @@ class WanPipeline:
         on_stage: Callable[[str], None] | None = None,
         cancel: CancelToken | None = None,
         resume: tuple[torch.Tensor, dict] | None = None,
+        plan: ResidencyPlan | None = None,
     ) -> GenerationResult:
         """Run all stages; `on_stage(name)` is told when each starts, `on_step` after every denoise step.
 
         resume: (latent, solver state) taken from a StepEvent of an earlier, interrupted run of the same settings;
         denoising continues after that step and the result equals an uninterrupted run.
+        plan: the admitted residency plan (wan_local.engine); None plans here (`estimate`).
         """
         s = settings.resolve()
         if s.task != self.spec.name:
@@ -224,10 +228,11 @@ class WanPipeline:
                 on_stage(name)
 
         image = load_image(Path(s.image)) if s.image else None  # a bad image fails before any model loads
-        estimate = self.estimate(s)
-        plan = estimate.plan if estimate is not None else None
-        if estimate is not None:
-            log.info("plan: %s", "; ".join(line.strip() for line in plan.describe()))
+        if plan is None:
+            estimate = self.estimate(s)
+            plan = estimate.plan if estimate is not None else None
+            if plan is not None:
+                log.info("plan: %s", "; ".join(" ".join(line.split()) for line in plan.describe()))
         keep_idle = plan.experts_in_ram > 1 if plan is not None else self.memory.keep_idle_expert == "keep"
         self.experts.configure(plan, keep_idle)
         try:

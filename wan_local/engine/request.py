@@ -119,7 +119,8 @@ class JobSettings:
     store draws once on `add` (Job.resolved_seed) so a re-run after a crash gives the same video. image is the
     store's own copy (image_source is where it came from). device None = cuda when available; dtype "bf16" or
     "fp32" (None = bf16). preset names a memory preset resolved at run time; memory holds explicit MemoryOptions
-    overrides (field -> value). output None = <home>/outputs/<generated name>.mp4.
+    overrides (field -> value). output None = <home>/outputs/<generated name>.mp4. force: run even when
+    admission refuses the job (an expert's override of the memory check).
     """
 
     task: str
@@ -140,6 +141,7 @@ class JobSettings:
     preset: str | None = None
     memory: Mapping[str, Any] = field(default_factory=dict)
     output: str | None = None
+    force: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""

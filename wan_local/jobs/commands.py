@@ -8,29 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from wan_local.jobs.store import STATES, Job, JobSettings, JobStore
+from wan_local.jobs.store import STATES, Job, JobStore
 from wan_local.jobs.worker import add_worker_options
-from wan_local.options import (
-    add_generation_options,
-    add_memory_options,
-    generation_fields,
-    memory_overrides,
-)
-
-
-def settings_from_args(args: argparse.Namespace) -> JobSettings:
-    """JobSettings from parsed generation options (see `add_generation_options`)."""
-    return JobSettings(
-        **generation_fields(args),
-        ckpt_dir=str(args.ckpt_dir),
-        device=args.device,
-        dtype=args.dtype,
-        preset=getattr(args, "preset", None),
-        memory=memory_overrides(args),
-        output=str(args.output.resolve()) if args.output else None,
-    )
+from wan_local.options import add_force_option, add_generation_options, add_memory_options, job_settings_from_args
 
 
 def _describe(job: Job) -> str:
@@ -45,8 +28,20 @@ def _describe(job: Job) -> str:
 
 
 def _queue_add(args: argparse.Namespace) -> int:
-    job = JobStore(args.store).add(settings_from_args(args))
-    print(f"queued job {job.id} (seed {job.resolved_seed})", flush=True)
+    """Resolve and admit the job as the worker will (refused: nothing is queued), then queue it with the preset
+    it was admitted with."""
+    import dataclasses
+
+    from wan_local.engine.admit import admit_job
+    from wan_local.engine.resolve import resolve_job
+
+    settings = job_settings_from_args(args)
+    admission = admit_job(resolve_job(settings), force=settings.force, refused="Not queued")
+    admission.raise_if_refused()
+    if admission.degraded or admission.forced:
+        print(admission.message, file=sys.stderr, flush=True)
+    job = JobStore(args.store).add(dataclasses.replace(settings, preset=admission.preset.name))
+    print(f"queued job {job.id} (seed {job.resolved_seed}, preset {admission.preset.name})", flush=True)
     return 0
 
 
@@ -106,6 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add = sub.add_parser("add", help="queue a generation", description="Queue a generation for the worker.")
     add_generation_options(add)
     add_memory_options(add)
+    add_force_option(add)
     _store_option(add)
     add.set_defaults(func=_queue_add)
 

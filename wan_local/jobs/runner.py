@@ -32,7 +32,6 @@ from wan_local.memory.options import MemoryOptions
 if TYPE_CHECKING:
     import torch
 
-    from wan_local.pipeline import WanPipeline
     from wan_local.sampling.denoise import CancelToken, StepEvent
 
 log = logging.getLogger(__name__)
@@ -201,10 +200,11 @@ class ResumePoints:
 
 
 class PipelineRunner:
-    """Runs jobs with WanPipeline; keeps the last two pipelines (keyed by ckpt_dir, task, device, dtype, memory).
+    """Runs queued jobs through the engine: resolve (with the job's drawn seed), admit on the machine as it is
+    now (RAM changes overnight), run, save the MP4 with its settings embedded.
 
     output_dir is used for jobs without an explicit output; previews go to preview_dir/job<id>.png and are
-    written every `preview_every` steps.
+    written every `preview_every` steps. The loaded models live in `pipelines` between jobs.
     """
 
     def __init__(
@@ -215,55 +215,56 @@ class PipelineRunner:
         preview_every: int = 1,
         resume_points: ResumePoints | None = None,
     ) -> None:
+        from wan_local.engine.run import Pipelines
+
         self.output_dir = Path(output_dir)
         self.preview_dir = Path(preview_dir)
         self.preview_every = max(1, preview_every)
         self.resume_points = resume_points
-        self._pipelines: dict[tuple, WanPipeline] = {}
-
-    def _pipeline(self, ckpt_dir: str, task: str, device: str, dtype_name: str, memory: MemoryOptions) -> WanPipeline:
-        import torch
-
-        from wan_local.pipeline import WanPipeline
-
-        key = (str(Path(ckpt_dir).resolve()), task, device, dtype_name, memory)
-        if key not in self._pipelines:
-            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-            self._pipelines[key] = WanPipeline(Path(ckpt_dir), task, device=device, dtype=dtype, memory=memory)
-            while len(self._pipelines) > 2:
-                self._pipelines.pop(next(iter(self._pipelines))).close()
-        return self._pipelines[key]
+        self.pipelines = Pipelines(keep=2)
 
     def close(self) -> None:
-        """Release every model held by the cached pipelines."""
-        for pipeline in self._pipelines.values():
-            pipeline.close()
-        self._pipelines.clear()
+        """Release every model this runner's pipelines hold."""
+        self.pipelines.close()
+
+    def admit(self, job: Job):
+        """(resolved job, admission) for `job` on this machine now. Models kept from earlier jobs count as free
+        RAM: when the job is refused while some are held, they are released and the job is judged again."""
+        from wan_local.engine.admit import admit_job
+        from wan_local.engine.resolve import resolve_job
+
+        resolved = resolve_job(job.settings, seed=job.resolved_seed)
+        admission = admit_job(resolved, force=job.settings.force)
+        if not admission.admitted and self.pipelines.loaded:
+            log.info("job %d: not admitted with models held from earlier jobs; releasing them", job.id)
+            self.close()
+            gc.collect()
+            resolved = resolve_job(job.settings, seed=job.resolved_seed)
+            admission = admit_job(resolved, force=job.settings.force)
+        admission.raise_if_refused()
+        if admission.degraded or admission.forced:
+            log.warning("job %d: %s", job.id, admission.message)
+        return resolved, admission
 
     def run(self, job: Job, on_progress: Callable[[Progress], None], cancel: CancelToken) -> Path:
         """Generate `job`'s video, save it with its settings embedded, return the path."""
         import torch
 
         s = job.settings
-        device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype_name = s.dtype or ("bf16" if device == "cuda" else "fp32")
-        settings = s.generation(job.resolved_seed).resolve()
-        from wan_local.options import resolve_memory
-
-        preset, memory = resolve_memory(s.preset, dict(s.memory), device)
-        resume_key = ResumePoints.key(job, device, dtype_name, memory)
+        resolved, admission = self.admit(job)
+        settings = resolved.settings
+        resume_key = ResumePoints.key(job, resolved.device, resolved.dtype, admission.memory)
         oom: str | None = None
         try:
-            pipeline = self._pipeline(s.ckpt_dir, settings.task, device, dtype_name, memory)
-            result = self._generate(pipeline, job, settings, on_progress, cancel, resume_key)
+            result = self._generate(resolved, admission, job, on_progress, cancel, resume_key)
             on_progress(Progress("save", settings.steps, settings.steps))
             output = Path(s.output) if s.output else self.output_dir / default_output_name(job, s.task, settings.size)
             metadata: dict[str, Any] = {
                 **result.metadata(),
-                "dtype": dtype_name,
-                "device": device,
+                "dtype": resolved.dtype,
+                "device": resolved.device,
                 "job_id": job.id,
-                "preset": preset,
+                "preset": admission.preset.name,
                 "memory": dict(s.memory),
                 "image_source": s.image_source,
             }
@@ -294,13 +295,16 @@ class PipelineRunner:
 
     def _generate(
         self,
-        pipeline,
+        resolved,
+        admission,
         job: Job,
-        settings,
         on_progress: Callable[[Progress], None],
         cancel: CancelToken,
         resume_key: str,
     ):
+        from wan_local.engine.run import run_job
+
+        settings = resolved.settings
         timer = StepTimer()
         preview = self.preview_dir / f"job{job.id}.png"
         points = self.resume_points
@@ -326,4 +330,6 @@ class PipelineRunner:
                 last_saved = time.monotonic()
             on_progress(Progress("denoise", done, event.total, eta, path))
 
-        return pipeline.generate(settings, on_step=on_step, on_stage=on_stage, cancel=cancel, resume=resume)
+        return run_job(
+            resolved, admission, self.pipelines, on_step=on_step, on_stage=on_stage, cancel=cancel, resume=resume
+        )

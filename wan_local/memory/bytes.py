@@ -7,8 +7,10 @@ and 5B shapes synthetically. Units are in every name: *_bytes are exact integers
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from wan_local.errors import InputError
 from wan_local.memory.options import QUANT_MODES, QUANT_SCOPES
@@ -370,4 +372,60 @@ def pipeline_bytes_for(
         vae_bytes=components.vae_bytes if components else vae_weight_bytes(spec.vae),
         decoded_video_bytes=4 * 3 * frames * height * width,
         latent_hw=(h, w),
+    )
+
+
+#: Stored dtypes of weights kept as stored (one byte per element): ComfyUI fp8_scaled, quanto, our int8.
+_ONE_BYTE_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "I8", "torch.float8_e4m3fn", "torch.float8_e5m2", "torch.int8"})
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(?:(.+)\.)?(\w+)$")
+
+
+def model_bytes_from_tensors(
+    tensors: Mapping[str, Any], quant: str = "none", quant_scope: str = "all", *, dense_bytes: int = BF16_BYTES
+) -> ModelBytes:
+    """ModelBytes of a DiT from its file's tensor table (official names -> objects with .shape and .dtype).
+
+    The bytes the engine holds, not the bytes of the file: one-byte weights (fp8_scaled, quanto, int8) stay as
+    stored with their float32 scales, and a pre-quantized file keeps its own format whatever `quant` says
+    (as quant.load_quantized_dit does); high-precision block Linears are quantized per `quant` / `quant_scope`
+    (1 byte per weight + one float32 scale per row); everything else is held at `dense_bytes` (the run dtype).
+    """
+    if quant not in QUANT_MODES:
+        raise InputError(f"quant={quant!r} is not one of {', '.join(QUANT_MODES)}")
+    prequantized = any(str(t.dtype) in _ONE_BYTE_DTYPES for t in tensors.values())
+    targets = _QUANT_LINEARS[quant_scope] if quant != "none" and not prequantized else set()
+    blocks: dict[int, int] = {}
+    non_block = params = scratch = 0
+    for name, info in tensors.items():
+        shape = tuple(info.shape)
+        n = math.prod(shape)
+        match = _BLOCK_KEY.match(name)
+        layer, leaf = (match.group(2), match.group(3)) if match else (None, name.rsplit(".", 1)[-1])
+        if name.endswith("scaled_fp8"):
+            continue  # ComfyUI's marker tensor: not part of the model
+        if str(info.dtype) in _ONE_BYTE_DTYPES:
+            nbytes = n
+            scratch = max(scratch, n * BF16_BYTES)
+        elif "scale" in leaf:
+            nbytes = n * QUANT_SCALE_BYTES
+        elif layer in targets and leaf == "weight" and len(shape) == 2:
+            nbytes = n + shape[0] * QUANT_SCALE_BYTES
+            scratch = max(scratch, n * BF16_BYTES)
+        else:
+            nbytes = n * dense_bytes
+        params += 0 if "scale" in leaf else n
+        if match:
+            index = int(match.group(1))
+            blocks[index] = blocks.get(index, 0) + nbytes
+        else:
+            non_block += nbytes
+    if not blocks:
+        raise InputError("the DiT's tensor table has no blocks.<i>.* tensors")
+    quantized = "none" if not (prequantized or targets) else (quant if targets else "as stored")
+    return ModelBytes(
+        block_bytes=tuple(blocks[i] for i in sorted(blocks)),
+        non_block_bytes=non_block,
+        params=params,
+        quant=quantized,
+        dequant_scratch_bytes=scratch,
     )

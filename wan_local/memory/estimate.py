@@ -5,26 +5,24 @@ throughput + streaming time not hidden behind compute) + VAE decode. FLOPs per f
 throughputs come from a small per-GPU table (`GPU_SPEEDS`) times an assumed model-FLOPs utilisation (`MFU`).
 The table, MFU, disk and PCIe speeds are PLACEHOLDERS until the GPU benchmarks (benchmarks/results/) replace them.
 
-`register(subparsers)` adds `wan-local estimate`, which plans for this machine or for one described by flags
-("a 16 GB card with 32 GB of RAM") and prints a table or JSON.
+`wan-local estimate` (cli.py) resolves and admits a job like every other entry point and prints this module's
+table or JSON, for this machine or one described by flags ("a 16 GB card with 32 GB of RAM": `machine_for`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import math
 import platform
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any
 
 from wan_local.errors import InputError
-from wan_local.machine import MachineInfo, detect_machine
+from wan_local.machine import MachineInfo
 from wan_local.memory.bytes import (
+    BF16_BYTES,
     GIB,
     TEXT_ENCODER_PARAMS,
     ComponentBytes,
@@ -32,21 +30,17 @@ from wan_local.memory.bytes import (
     activation_bytes,
     dit_bytes,
     latent_grid,
+    model_bytes_from_tensors,
     official_dit_config,
     pipeline_bytes_for,
     tokens_for,
     vae_weight_bytes,
 )
 from wan_local.memory.options import (
-    IDLE_EXPERT_POLICIES,
-    OFFLOAD_MODES,
-    QUANT_MODES,
-    QUANT_SCOPES,
-    VAE_TILING,
     MemoryOptions,
 )
 from wan_local.memory.plan import ResidencyPlan, default_pinned_cap_bytes, plan_cpu, plan_residency
-from wan_local.specs import TASKS, TaskSpec, get_task, parse_size
+from wan_local.specs import TaskSpec, get_task
 
 if TYPE_CHECKING:
     from wan_local.models.dit import DiTConfig
@@ -221,15 +215,26 @@ def _plan(
     notes: list[str],
     components: ComponentBytes | None = None,
 ) -> ResidencyPlan:
+    from wan_local.presets import ram_safety_margin_bytes
+
     width, height = size
     tokens = tokens_for(spec, width, height, frames)
     pipe = pipeline_bytes_for(spec, width, height, frames, components)
+    safety = ram_safety_margin_bytes(machine)  # the margin admission keeps: optional RAM uses stay within it
     latent_shape = (1, 1, *latent_grid(spec, width, height, frames))
     if not machine.has_gpu:
         from wan_local.memory import vae_tiling
 
         work = vae_tiling.decode_bytes_estimate(spec.vae, latent_shape)
-        return plan_cpu(model, activation_bytes(cfg, tokens), machine.ram_available_bytes, options, work, pipe)
+        return plan_cpu(
+            model,
+            activation_bytes(cfg, tokens),
+            machine.ram_available_bytes,
+            options,
+            work,
+            pipe,
+            ram_safety_bytes=safety,
+        )
     budget = machine.vram_free_bytes
     if options.vram_budget_gb is not None:
         budget = int(options.vram_budget_gb * GIB)
@@ -254,6 +259,7 @@ def _plan(
         pipe,
         # I2V encodes the whole conditioning video (image + zero frames); TI2V only its first frame.
         vae_encode_bytes_fn=_vae_vram_fn(spec, latent_shape, "encode") if spec.mode == "i2v" else None,
+        ram_safety_bytes=safety,
     )
 
 
@@ -268,13 +274,19 @@ def estimate_job(
     *,
     os_name: str | None = None,
     components: ComponentBytes | None = None,
+    dit_tensors: Mapping[str, Any] | None = None,
+    dense_bytes: int = BF16_BYTES,
+    dit_file_bytes: int | None = None,
 ) -> JobEstimate:
     """Plan `task` at `size` (width, height) x `frames` for `steps` steps on `machine` and estimate its cost.
 
     dit_config: the real config when a checkpoint exists (plan.dit_config_for_checkpoint), else the official
     one. components: the checkpoint's text encoder / VAE sizes (plan.component_bytes_for_checkpoint), else the
-    official ones. os_name: for the default pinned-memory cap ("Windows", "Linux"; default: this machine's). Raises
-    InputError for unusable settings and PlanError when the job cannot fit.
+    official ones. dit_tensors: the checkpoint's DiT tensor table (shapes and stored dtypes), so the bytes are those
+    of the weights as stored and as computed (a ComfyUI fp8 file stays fp8); else they follow `dit_config`.
+    dense_bytes: bytes per element of unquantized weights (the run dtype: 2 for bf16, 4 for fp32). dit_file_bytes:
+    one DiT's size on disk, for the load time. os_name: for the default pinned-memory cap ("Windows", "Linux";
+    default: this machine's). Raises InputError for unusable settings and PlanError when the job cannot fit.
     """
     spec = get_task(task)
     if steps < 1:
@@ -284,7 +296,10 @@ def estimate_job(
     cfg = dit_config or official_dit_config(spec.name)
     if cfg.model_type != spec.model_type:
         raise InputError(f"the DiT config is for a {cfg.model_type!r} model; {spec.name} needs {spec.model_type!r}")
-    model = dit_bytes(cfg, options.quant, options.quant_scope)
+    if dit_tensors is not None:
+        model = model_bytes_from_tensors(dit_tensors, options.quant, options.quant_scope, dense_bytes=dense_bytes)
+    else:
+        model = dit_bytes(cfg, options.quant, options.quant_scope, dense_bytes=dense_bytes)
     notes: list[str] = []
     plan = _plan(spec, cfg, model, size, frames, options, machine, os_name or platform.system(), notes, components)
     speed = device_speed(machine.gpu_name, machine.vram_total_bytes)
@@ -309,7 +324,7 @@ def estimate_job(
     te_flops = text_encode_flops() * te_bytes / (TEXT_ENCODER_PARAMS * 2)  # FLOPs scale with the weights
     te_s = te_bytes / disk + te_flops / (te_speed.bf16_tflops * 1e12 * MFU)
     experts = 2 if spec.two_experts else 1
-    load_s = experts * model.params * CHECKPOINT_BYTES_PER_PARAM / disk
+    load_s = experts * (dit_file_bytes or model.params * CHECKPOINT_BYTES_PER_PARAM) / disk
     if gpu:
         te_s += te_bytes / (speed.pcie_gb_per_s * 1e9) if plan.text_encoder_on_gpu else 0.0
         load_s += experts * (plan.resident_block_bytes + model.non_block_bytes) / (speed.pcie_gb_per_s * 1e9)
@@ -397,69 +412,6 @@ def machine_for(
         total = int(ram_gb * GIB)
         changes.update(ram_total_bytes=total, ram_available_bytes=total - OS_BASELINE_RAM_BYTES)
     return dataclasses.replace(base, **changes)
-
-
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `estimate` to a CLI's subparsers; the parsed args run with `args.func(args)` (returns the exit code)."""
-    d = MemoryOptions()
-    p = subparsers.add_parser(
-        "estimate",
-        help="plan memory and estimate the time of a job",
-        description="Show where the model will live (VRAM / RAM), the peaks and the expected time of a job, "
-        "for this machine or for one described by --gpu / --vram-budget-gb / --ram-gb.",
-    )
-    p.add_argument("--task", required=True, choices=list(TASKS), help="which Wan2.2 task")
-    p.add_argument("--size", help="W*H (or WxH; default: the task's)")
-    p.add_argument("--frames", type=int, help="number of frames, 4k+1 (default: the task's)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the task's)")
-    p.add_argument("--quant", choices=QUANT_MODES, default=d.quant, help="storage of the DiT block weights")
-    p.add_argument("--quant-scope", choices=QUANT_SCOPES, default=d.quant_scope)
-    p.add_argument("--offload", choices=OFFLOAD_MODES, default=d.offload)
-    p.add_argument("--keep-idle-expert", choices=IDLE_EXPERT_POLICIES, default=d.keep_idle_expert)
-    p.add_argument("--vae-tiling", choices=VAE_TILING, default=d.vae_tiling)
-    p.add_argument("--vram-budget-gb", type=float, help="VRAM the job may use (GiB; default: free VRAM)")
-    p.add_argument("--vram-reserve-gb", type=float, default=d.vram_reserve_gb, help="VRAM kept free (GiB)")
-    p.add_argument("--pinned-ram-cap-gb", type=float, help="most page-locked RAM (GiB; default: by OS)")
-    p.add_argument("--ram-gb", type=float, help="plan for a machine with this much RAM in total (GiB)")
-    p.add_argument("--gpu", help="plan for this GPU model, e.g. 'RTX 4090' (its speed; its VRAM unless given)")
-    p.add_argument("--cpu", action="store_true", help="plan for a machine without a GPU")
-    p.add_argument("--ckpt-dir", help="read the DiT's real config from this checkpoint folder")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=run_estimate)
-    return p
-
-
-def run_estimate(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """Handler of `wan-local estimate`: writes the plan and estimate to `out` (stdout); returns 0."""
-    out = out or sys.stdout
-    spec = get_task(args.task)
-    size = parse_size(args.size) if args.size else spec.default_size
-    frames = spec.frames if args.frames is None else args.frames
-    steps = spec.steps if args.steps is None else args.steps
-    options = MemoryOptions(
-        quant=args.quant,
-        quant_scope=args.quant_scope,
-        offload=args.offload,
-        vram_reserve_gb=args.vram_reserve_gb,
-        pinned_ram_cap_gb=args.pinned_ram_cap_gb,
-        keep_idle_expert=args.keep_idle_expert,
-        vae_tiling=args.vae_tiling,
-    )
-    machine = machine_for(
-        detect_machine(), gpu=args.gpu, vram_gb=args.vram_budget_gb, ram_gb=args.ram_gb, cpu_only=args.cpu
-    )
-    cfg = components = None
-    if args.ckpt_dir:
-        from wan_local.weights.headers import component_bytes_for_checkpoint, dit_config_for_checkpoint
-
-        cfg = dit_config_for_checkpoint(args.ckpt_dir, spec.name)
-        components = component_bytes_for_checkpoint(args.ckpt_dir, spec.name)
-    est = estimate_job(spec.name, size, frames, steps, options, machine, cfg, components=components)
-    if args.json:
-        out.write(json.dumps(estimate_to_dict(est, spec, size, frames, steps, options, machine), indent=2) + "\n")
-    else:
-        out.write(format_estimate(est, spec, size, frames, steps, machine) + "\n")
-    return 0
 
 
 def estimate_to_dict(

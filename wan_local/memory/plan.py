@@ -122,13 +122,15 @@ class ResidencyPlan:
         """Human-readable lines (GiB) summarising the plan."""
         n, s = self.num_blocks, len(self.streamed_blocks)
         lines = [f"device          {self.device}"]
+        buffers = f"{self.prefetch_depth + 1} x {_gib(self.gpu_buffer_bytes / (self.prefetch_depth + 1))}"
+        stream = f"{s} streamed (prefetch {self.prefetch_depth}, buffers {buffers})" if s else "none streamed"
+        lines += [
+            f"DiT blocks      {n - s} of {n} resident, {stream}",
+            f"streamed        {list(self.streamed_blocks)}" if s else "streamed        []",
+        ]
         if self.device == "cuda":
-            buffers = f"{self.prefetch_depth + 1} x {_gib(self.gpu_buffer_bytes / (self.prefetch_depth + 1))}"
-            stream = f"{s} streamed (prefetch {self.prefetch_depth}, buffers {buffers})" if s else "none streamed"
             pinned = f"{len(self.pinned_blocks)} blocks / {_gib(self.pinned_host_bytes)}"
             lines += [
-                f"DiT blocks      {n - s} of {n} resident, {stream}",
-                f"streamed        {list(self.streamed_blocks)}" if s else "streamed        []",
                 f"VRAM weights    {_gib(self.resident_block_bytes)} blocks + {_gib(self.non_block_bytes)} non-block",
                 f"pinned host     {pinned}, pageable {_gib(self.pageable_host_bytes)}",
             ]
@@ -136,7 +138,7 @@ class ResidencyPlan:
             f"activations     {_gib(self.activation_bytes)} "
             + (f"(FFN in chunks of {self.ffn_chunk_tokens} tokens)" if self.ffn_chunk_tokens else "(FFN unchunked)"),
             f"experts in RAM  {self.experts_in_ram}; UMT5 on {'GPU' if self.text_encoder_on_gpu else 'CPU'}, "
-            f"{'released before the DiT loads' if self.release_text_encoder_before_dit else 'kept in RAM'}",
+            "released before the DiT loads",
             f"VAE tile        {self.vae_tile_latent_px or 'untiled'}"
             + (" latent px" if self.vae_tile_latent_px else ""),
         ]
@@ -267,18 +269,21 @@ def _plan_ram(
     safety: int,
     extra: tuple[int, int, int] = (0, 0, 0),
 ) -> dict[str, Any]:
-    """Idle-expert and UMT5 decisions, then RAM per stage (encode, denoise, decode) including `process`:
-    the ResidencyPlan fields they fill.
+    """The idle-expert decision, then RAM per stage (encode, denoise, decode) including `process`: the
+    ResidencyPlan fields they fill.
 
-    Steady state of repeated jobs: what is kept (idle expert, UMT5) is counted in every stage. `extra` adds
-    per-stage working memory (activations on a CPU-only plan).
+    UMT5 is loaded for the prompt encode and released before the DiT loads (the pipeline always does; the prompt
+    cache makes repeated prompts free). The idle A14B expert is kept ("auto") only when every stage still fits
+    `available - safety`, the limit admission applies (presets.admit), so a job admitted with less RAM is admitted
+    with more. Steady state of repeated jobs: a kept expert is counted in every stage. `extra` adds per-stage
+    working memory (activations and buffers on a CPU-only plan).
     """
     te, vae = pipe.text_encoder_bytes, pipe.vae_bytes
 
-    def stages(keep_idle: bool, keep_te: bool) -> tuple[int, int, int]:
-        held = (pipe.experts * expert_bytes if keep_idle else 0) + (te if keep_te else 0)
+    def stages(keep_idle: bool) -> tuple[int, int, int]:
+        held = pipe.experts * expert_bytes if keep_idle else 0
         active = 0 if keep_idle else expert_bytes
-        encode = held + (0 if keep_te else te) + extra[0]
+        encode = held + te + extra[0]
         denoise = held + active + vae + staging + extra[1]
         decode = held + vae + pipe.decoded_video_bytes + extra[2]
         return process + encode, process + denoise, process + decode
@@ -287,11 +292,10 @@ def _plan_ram(
     if two and policy == "keep":
         keep_idle = True
     elif two and policy == "auto":
-        keep_idle = max(stages(True, True)) + safety <= available
+        keep_idle = max(stages(True)) + safety <= available
     else:
         keep_idle = False
-    keep_te = max(stages(keep_idle, True)) + safety <= available
-    result = stages(keep_idle, keep_te)
+    result = stages(keep_idle)
     if max(result) > available:
         dit = "both DiT experts (keep_idle_expert='keep')" if keep_idle else "one DiT expert"
         held = f" with {dit} held" if keep_idle else ""
@@ -303,7 +307,7 @@ def _plan_ram(
         )
     return {
         "experts_in_ram": pipe.experts if keep_idle else 1,
-        "release_text_encoder_before_dit": not keep_te,
+        "release_text_encoder_before_dit": True,
         **dict(zip(("encode_ram_bytes", "denoise_ram_bytes", "decode_ram_bytes"), result, strict=True)),
     }
 
@@ -439,6 +443,24 @@ def plan_residency(
     )
 
 
+def _cpu_streaming(model: ModelBytes, options: MemoryOptions) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """(resident, streamed, buffer bytes) of a CPU job: offload "blocks"/"full" streams every block through two
+    reused buffers, unless `vram_budget_gb` leaves room for some resident blocks ("blocks" only)."""
+    n = model.num_blocks
+    if options.offload not in ("blocks", "full"):
+        return tuple(range(n)), (), 0
+    budget = None if options.vram_budget_gb is None else int(options.vram_budget_gb * GIB)
+    resident = 0
+    if options.offload == "blocks" and budget is not None:
+        for count in range(n - 1, 0, -1):
+            kept, streamed = _split(n, count)
+            if sum(model.block_bytes[i] for i in kept) + 2 * max(model.block_bytes[i] for i in streamed) <= budget:
+                resident = count
+                break
+    kept, streamed = _split(n, resident)
+    return kept, streamed, 2 * max(model.block_bytes[i] for i in streamed)
+
+
 def plan_cpu(
     model: ModelBytes,
     activation_bytes: int,
@@ -450,12 +472,15 @@ def plan_cpu(
     process_ram_bytes: int = PROCESS_RAM_BYTES,
     ram_safety_bytes: int = RAM_SAFETY_BYTES,
 ) -> ResidencyPlan:
-    """Plan a CPU-only job: every block "resident" in RAM, activations and the VAE decode working set in RAM.
+    """Plan a CPU-only job: activations and the VAE decode working set in RAM, the blocks resident, or streamed
+    through two reused buffers when `options.offload` asks for it (the same streamer and slots as on a GPU, with
+    synchronous copies: it proves the streaming path on any machine).
 
     vae_decode_bytes: decode working memory (weights excluded). Raises PlanError when RAM is short.
     """
     pipe = pipeline or PipelineBytes()
-    extra = (TEXT_ENCODER_WORK_BYTES, activation_bytes, vae_decode_bytes)
+    resident, streamed, buffers = _cpu_streaming(model, options)
+    extra = (TEXT_ENCODER_WORK_BYTES, activation_bytes + buffers, vae_decode_bytes)
     ram = _plan_ram(
         model.total_bytes,
         pipe,
@@ -469,10 +494,14 @@ def plan_cpu(
     return ResidencyPlan(
         device="cpu",
         num_blocks=model.num_blocks,
-        resident_blocks=tuple(range(model.num_blocks)),
+        resident_blocks=resident,
+        streamed_blocks=streamed,
+        prefetch_depth=1 if streamed else 0,
+        gpu_buffer_bytes=buffers,
+        streamed_bytes_per_forward=sum(model.block_bytes[i] for i in streamed),
         non_block_bytes=model.non_block_bytes,
         activation_bytes=activation_bytes,
-        resident_block_bytes=model.blocks_total_bytes,
+        resident_block_bytes=sum(model.block_bytes[i] for i in resident),
         dequant_scratch_bytes=model.dequant_scratch_bytes,
         notes=("no CUDA GPU: everything runs on the CPU (very slow at real sizes)",),
         **ram,

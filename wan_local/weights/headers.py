@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from wan_local.errors import CheckpointError
@@ -18,24 +18,58 @@ if TYPE_CHECKING:
     from wan_local.models.dit import DiTConfig
 
 
-def _header_shapes(path: Path) -> dict[str, Any]:
-    """{tensor name: object with .shape} from safetensors headers only (a file, or every file of a folder)."""
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and stored dtype of one tensor, from a file header (dtype as safetensors / torch names it, e.g. "BF16",
+    "F8_E4M3", "torch.bfloat16")."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def tensor_table(path: Path) -> dict[str, TensorInfo]:
+    """{tensor name: TensorInfo} of a safetensors file or folder (headers only) or a .pth (memory-mapped)."""
     from safetensors import SafetensorError, safe_open
 
+    path = Path(path)
+    if not (path.is_dir() or path.suffix == ".safetensors"):
+        from wan_local.weights.files import read_pth
+
+        return {k: TensorInfo(tuple(t.shape), str(t.dtype)) for k, t in read_pth(path).items()}
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    shapes: dict[str, Any] = {}
+    table: dict[str, TensorInfo] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                shapes.update({k: SimpleNamespace(shape=tuple(f.get_slice(k).get_shape())) for k in f.keys()})  # noqa: SIM118
+                for key in f.keys():  # noqa: SIM118
+                    part = f.get_slice(key)
+                    table[key] = TensorInfo(tuple(part.get_shape()), str(part.get_dtype()))
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{file} is not a readable safetensors file ({exc})") from exc
-    return shapes
+    return table
+
+
+def _header_shapes(path: Path) -> dict[str, Any]:
+    """{tensor name: object with .shape} from safetensors headers only (a file, or every file of a folder)."""
+    return tensor_table(path)
+
+
+def dit_tensor_table(path: Path) -> dict[str, TensorInfo]:
+    """The DiT's tensors under official names (ComfyUI prefixes stripped, diffusers names mapped)."""
+    from wan_local.weights import keymaps
+
+    table = keymaps.strip_prefix(tensor_table(path))
+    if "condition_embedder.time_proj.weight" in table:
+        table = keymaps.dit_diffusers_to_official(table)
+    return table
 
 
 def read_dit_config(path: Path) -> DiTConfig:
     """DiTConfig of a DiT folder (config.json) or single file (header shapes), reading no tensor data."""
-    from wan_local.weights import keymaps
     from wan_local.weights.files import read_safetensors_metadata
     from wan_local.weights.loading import (
         dit_config_from_diffusers,
@@ -51,9 +85,7 @@ def read_dit_config(path: Path) -> DiTConfig:
         if config.get("_class_name") == "WanTransformer3DModel":
             return dit_config_from_diffusers(config)
         return dit_config_from_official(config, _header_shapes(path))
-    shapes = keymaps.strip_prefix(_header_shapes(path))
-    if "condition_embedder.time_proj.weight" in shapes:
-        shapes = keymaps.dit_diffusers_to_official(shapes)
+    shapes = dit_tensor_table(path)
     try:
         hints = json.loads(read_safetensors_metadata(path).get("config", "{}"))
     except json.JSONDecodeError:
@@ -83,14 +115,9 @@ def dit_config_for_checkpoint(ckpt_dir: Path | str, task: str) -> DiTConfig:
     return cfg
 
 
-def _param_count(path: Path) -> int:
+def param_count(path: Path) -> int:
     """Number of tensor elements in a safetensors file/folder (headers only) or a .pth (memory-mapped)."""
-    path = Path(path)
-    if path.is_dir() or path.suffix == ".safetensors":
-        return sum(math.prod(v.shape) for v in _header_shapes(path).values())
-    from wan_local.weights.files import read_pth
-
-    return sum(t.numel() for t in read_pth(path).values())
+    return sum(info.numel for info in tensor_table(path).values())
 
 
 def component_bytes_for_checkpoint(ckpt_dir: Path | str, task: str) -> ComponentBytes:
@@ -98,4 +125,4 @@ def component_bytes_for_checkpoint(ckpt_dir: Path | str, task: str) -> Component
     from wan_local.weights.layout import find_checkpoints
 
     files = find_checkpoints(Path(ckpt_dir), get_task(task))
-    return ComponentBytes(_param_count(files.text_encoder) * BF16_BYTES, _param_count(files.vae) * 4)
+    return ComponentBytes(param_count(files.text_encoder) * BF16_BYTES, param_count(files.vae) * 4)

@@ -1,0 +1,183 @@
+"""Resolve a job once: settings checked and defaulted, the checkpoint's files and headers read, the memory preset
+picked, the machine measured. The result, `ResolvedJob`, is immutable; admission, planning and estimating are
+pure functions of it, and the runner loads exactly the files it names.
+
+Every entry point goes through `resolve_job`: `wan-local generate`, `wan-local queue add`, the worker when it
+claims a job, the Generate tab and the scripting API, and `wan-local estimate` (which may describe another
+machine and may have no checkpoint folder: then the official shapes are assumed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wan_local.engine.request import GenerationSettings, JobSettings
+from wan_local.errors import CheckpointError, InputError
+from wan_local.machine import MachineInfo
+from wan_local.memory.bytes import BF16_BYTES, ComponentBytes
+from wan_local.memory.options import MemoryOptions
+from wan_local.presets import Preset
+from wan_local.specs import TaskSpec, get_task
+
+if TYPE_CHECKING:
+    from wan_local.models.dit import DiTConfig
+    from wan_local.weights.headers import TensorInfo
+    from wan_local.weights.layout import CheckpointSet
+
+log = logging.getLogger(__name__)
+
+DTYPE_BYTES = {"bf16": BF16_BYTES, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a job needs to know about its checkpoint folder, read from config files and headers once.
+
+    files: where each component lives (layout detection). dit_config: the DiT's hyper-parameters. dit_tensors:
+    the DiT's tensors (official names, shape and stored dtype; A14B: the high-noise expert, both have the same
+    shapes). dit_file_bytes: bytes on disk of one DiT (one expert). text_encoder_params / vae_params: element
+    counts of UMT5 and the VAE.
+    """
+
+    files: CheckpointSet
+    dit_config: DiTConfig
+    dit_tensors: Mapping[str, TensorInfo]
+    dit_file_bytes: int
+    text_encoder_params: int
+    vae_params: int
+
+    @property
+    def layout(self) -> str:
+        return self.files.format
+
+
+def _file_bytes(path: Path) -> int:
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.suffix == ".safetensors")
+    return path.stat().st_size
+
+
+def read_checkpoint(ckpt_dir: Path | str, spec: TaskSpec) -> CheckpointInfo:
+    """Find `spec`'s files under `ckpt_dir` and read their headers (never tensor data); CheckpointError naming
+    the file for anything missing, unreadable or of the wrong task."""
+    from wan_local.weights import headers
+    from wan_local.weights.layout import HIGH, SINGLE, find_checkpoints
+
+    files = find_checkpoints(Path(ckpt_dir), spec)
+    dit = Path(files.dit[HIGH if spec.two_experts else SINGLE])
+    try:
+        config = headers.read_dit_config(dit)
+        tensors = headers.dit_tensor_table(dit)
+    except KeyError as exc:
+        raise CheckpointError(f"{dit}: missing tensor or config field {exc}") from exc
+    except ValueError as exc:
+        raise CheckpointError(f"{dit}: invalid model configuration ({exc})") from exc
+    if config.model_type != spec.model_type:
+        raise CheckpointError(f"{dit} holds a {config.model_type!r} DiT but {spec.name} needs {spec.model_type!r}")
+    return CheckpointInfo(
+        files=files,
+        dit_config=config,
+        dit_tensors=tensors,
+        dit_file_bytes=_file_bytes(dit),
+        text_encoder_params=headers.param_count(files.text_encoder),
+        vae_params=headers.param_count(files.vae),
+    )
+
+
+@dataclass(frozen=True)
+class ResolvedJob:
+    """One job with everything decided that does not depend on the memory options.
+
+    job: the request as given (its preset and memory overrides as the user set them). settings: the video's
+    settings with defaults filled and the seed drawn. device "cuda" or "cpu"; dtype "bf16" or "fp32" (the DiT's
+    and UMT5's run dtype). requested: the preset asked for ("auto" resolved for this machine); presets: all
+    loaded presets (for the fallback chain). overrides: the memory options the user set explicitly, kept on top
+    of whichever preset runs. machine: the facts every verdict about this job uses (for a CPU job, with no GPU).
+    checkpoint: None when no folder was given (estimates then assume the official files).
+    """
+
+    job: JobSettings
+    settings: GenerationSettings
+    spec: TaskSpec
+    device: str
+    dtype: str
+    requested: Preset
+    presets: Mapping[str, Preset]
+    overrides: Mapping[str, Any]
+    machine: MachineInfo
+    checkpoint: CheckpointInfo | None = None
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    def memory(self, preset: Preset) -> MemoryOptions:
+        """`preset`'s memory options with the user's explicit overrides on top."""
+        return dataclasses.replace(preset.memory, **self.overrides)
+
+    def components(self) -> ComponentBytes | None:
+        """UMT5 (at the run dtype) and VAE (float32) bytes of the checkpoint, None without one."""
+        if self.checkpoint is None:
+            return None
+        info = self.checkpoint
+        return ComponentBytes(info.text_encoder_params * self.dtype_bytes, info.vae_params * 4)
+
+
+def cpu_view(machine: MachineInfo) -> MachineInfo:
+    """`machine` as a CPU-only job sees it: no GPU."""
+    return dataclasses.replace(machine, gpu_name=None, vram_total_bytes=0, vram_free_bytes=0, cuda_capability=None)
+
+
+def resolve_job(
+    job: JobSettings,
+    *,
+    seed: int | None = None,
+    machine: MachineInfo | None = None,
+    presets: Mapping[str, Preset] | None = None,
+) -> ResolvedJob:
+    """Resolve `job` for `machine` (default: this machine, measured now). seed: the seed already drawn for a
+    queued job (else the job's own, -1 drawing one). Raises InputError / CheckpointError naming the problem."""
+    from wan_local.machine import detect_machine
+    from wan_local.presets import load_presets, pick_preset
+
+    job.check_fields()
+    settings = job.generation(job.seed if seed is None else seed).resolve()
+    spec = get_task(settings.task)
+    if settings.image:
+        from wan_local.video import load_image
+
+        load_image(Path(settings.image))  # a broken or oversized image fails here, before anything large loads
+    machine = machine or detect_machine()
+    device = job.device or ("cuda" if machine.has_gpu else "cpu")
+    if device == "cuda" and not machine.has_gpu:
+        raise InputError("CUDA was requested but no CUDA device is available; use --device cpu")
+    if device == "cpu":
+        machine = cpu_view(machine)
+    presets = presets if presets is not None else load_presets()
+    if job.preset in (None, "", "auto"):
+        requested = pick_preset(machine, presets).preset
+    elif job.preset in presets:
+        requested = presets[job.preset]
+    else:
+        raise InputError(f"unknown preset {job.preset!r}; choose auto or one of {', '.join(presets)}")
+    checkpoint = read_checkpoint(job.ckpt_dir, spec) if job.ckpt_dir else None
+    resolved = ResolvedJob(
+        job=job,
+        settings=settings,
+        spec=spec,
+        device=device,
+        dtype=job.dtype or "bf16",
+        requested=requested,
+        presets=presets,
+        overrides=dict(job.memory),
+        machine=machine,
+        checkpoint=checkpoint,
+    )
+    resolved.memory(requested)  # an override that no preset can take fails here
+    return resolved

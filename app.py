@@ -184,8 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["NO_PROXY"] = ",".join([*no_proxy, "localhost", "127.0.0.1"])
 
     from wan_local.errors import WanLocalError
-    from wan_local.jobs.store import DB_NAME, HOME_ENV, JobStore
+    from wan_local.jobs.database import DB_NAME
+    from wan_local.jobs.store import JobStore
     from wan_local.models_hub import DownloadManager
+    from wan_local.paths import HOME_ENV
     from wan_local.presets import load_presets
     from wan_local.settings import SettingsStore, settings_path
 

@@ -19,16 +19,9 @@ from PIL import Image
 
 from wan_local.errors import InputError
 from wan_local.jobs import commands
+from wan_local.jobs.database import StoreBusyError, StoreCorruptError, StoreError
 from wan_local.jobs.runner import StepTimer, latent_to_rgb, write_preview
-from wan_local.jobs.store import (
-    JobSettings,
-    JobStore,
-    StoreBusyError,
-    StoreCorruptError,
-    StoreError,
-    WorkerAlreadyRunning,
-    default_store_path,
-)
+from wan_local.jobs.store import JobSettings, JobStore, WorkerAlreadyRunning, default_store_path
 
 
 def _settings(tiny=None, **changes) -> JobSettings:

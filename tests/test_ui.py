@@ -19,7 +19,8 @@ import torch
 
 from ui import build_app, build_context
 from ui.gallery import GalleryHandlers, open_folder
-from ui.generate import CUSTOM, FRAMES, RANDOM, SECONDS, FormValues, GenerateHandlers, parse_seed, seconds_to_frames
+from ui.generate import GenerateHandlers
+from ui.generate_form import CUSTOM, FRAMES, RANDOM, SECONDS, FormValues, parse_seed, seconds_to_frames
 from ui.models import ModelsHandlers
 from ui.prediction import format_duration
 from ui.queue import QueueHandlers
@@ -484,7 +485,8 @@ def test_models_tab_use_this_folder(make_ctx, tiny, tmp_path):
 def test_importing_the_app_is_light_and_help_is_instant():
     root = Path(__file__).resolve().parents[1]
     code = (
-        "import sys, app, ui, ui.generate, ui.queue, ui.gallery, ui.models, ui.settings; "
+        "import sys, app, ui, ui.generate, ui.generate_form, ui.generate_layout, ui.queue, ui.gallery, ui.models, "
+        "ui.settings; "
         "print(sorted(m for m in ('torch', 'gradio', 'huggingface_hub') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)

@@ -83,7 +83,8 @@ def build_app(ctx: AppContext) -> gr.Blocks:
     import gradio as gr
 
     from ui.gallery import build_gallery_tab
-    from ui.generate import FormValues, build_generate_tab
+    from ui.generate_form import FormValues
+    from ui.generate_layout import build_generate_tab
     from ui.models import build_models_tab
     from ui.queue import build_queue_tab
     from ui.settings import build_settings_tab

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ui.context import AppContext
-from ui.generate import FormValues, GenerateTab, form_from_settings
+from ui.generate_form import FormValues, form_from_settings
+from ui.generate_layout import GenerateTab
 from wan_local.errors import WanLocalError
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ui.context import AppContext
-from ui.generate import FormValues, GenerateTab, form_from_settings
+from ui.generate_form import FormValues, form_from_settings
+from ui.generate_layout import GenerateTab
 from ui.prediction import format_duration, load_components, load_dit_config
 from wan_local.errors import WanLocalError
 from wan_local.jobs.records import Job

@@ -2,13 +2,11 @@
 
 Every fact about a job lives in the database, never only in memory: a worker that dies mid-job leaves the job
 `running` with its pid and heartbeat, and the next worker puts it back at the front of the queue
-(`requeue_stale`). Commits are durable (WAL journal, `synchronous=FULL`); each write is one short
-`BEGIN IMMEDIATE` transaction, so the UI and the worker (separate processes) can both write while a busy
-timeout absorbs the brief overlaps. Each thread (and each process) gets its own connection.
+(`requeue_stale`). The file itself (schema, connections, durable write transactions, errors that name the file and
+the remedy) is `wan_local.jobs.database`.
 
 A job's input image is copied into the store's folder when the job is added, so deleting or editing the
-original loses nothing. A database that cannot be read is reported with its path and what to do; this module
-never deletes, truncates or rewrites a file it did not create.
+original loses nothing.
 
 States: queued -> running -> done | failed | cancelled; failed/cancelled -> queued (retry);
 running -> queued (worker died, stopped, or an out-of-memory retry with a lower preset).
@@ -27,77 +25,19 @@ import socket
 import sqlite3
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from wan_local import paths
-from wan_local.errors import InputError, WanLocalError
-from wan_local.jobs.records import Job, JobProgress, JobSettings
+from wan_local.errors import InputError
+from wan_local.jobs.database import DB_NAME, JobDatabase, StoreError, job_from_row
+from wan_local.jobs.records import Job, JobSettings
 
 log = logging.getLogger(__name__)
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINAL_STATES = ("done", "failed", "cancelled")
-DB_NAME = "jobs.sqlite3"
-HOME_ENV = paths.HOME_ENV
-SCHEMA_VERSION = 1
-
-# MIGRATIONS[v] brings a database from schema version v to v + 1; never edit a released entry, append one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE jobs (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            created_at REAL NOT NULL,
-            started_at REAL,
-            finished_at REAL,
-            position INTEGER NOT NULL,
-            state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
-            settings TEXT NOT NULL,
-            resolved_seed INTEGER NOT NULL,
-            error TEXT,
-            note TEXT,
-            output_path TEXT,
-            progress_step INTEGER NOT NULL DEFAULT 0,
-            progress_total INTEGER NOT NULL DEFAULT 0,
-            progress_stage TEXT,
-            eta_seconds REAL,
-            progress_updated_at REAL,
-            preview_path TEXT,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            oom_retries INTEGER NOT NULL DEFAULT 0,
-            cancel_requested INTEGER NOT NULL DEFAULT 0,
-            worker_id TEXT,
-            worker_pid INTEGER,
-            heartbeat_at REAL
-        )""",
-        "CREATE INDEX jobs_queue ON jobs (state, position)",
-        """CREATE TABLE workers (
-            id TEXT PRIMARY KEY,
-            pid INTEGER NOT NULL,
-            host TEXT NOT NULL,
-            process_started REAL NOT NULL,
-            started_at REAL NOT NULL,
-            heartbeat_at REAL NOT NULL
-        )""",
-    ),
-)
-assert len(MIGRATIONS) == SCHEMA_VERSION
-
-
-class StoreError(WanLocalError):
-    """The job database cannot be used (unreadable, damaged, from a newer version, or not writable)."""
-
-
-class StoreCorruptError(StoreError):
-    """The file is not a wan-local job database, or its pages are damaged. The file is left untouched."""
-
-
-class StoreBusyError(StoreError):
-    """Another connection held the database locked for longer than the busy timeout."""
 
 
 class WorkerAlreadyRunning(StoreError):
@@ -112,34 +52,6 @@ def default_home() -> Path:
 def default_store_path() -> Path:
     """<home>/jobs.sqlite3 (see `default_home`)."""
     return default_home() / DB_NAME
-
-
-def _job_from_row(row: sqlite3.Row) -> Job:
-    progress = JobProgress(
-        row["progress_step"], row["progress_total"], row["progress_stage"], row["eta_seconds"],
-        row["progress_updated_at"],
-    )  # fmt: skip
-    return Job(
-        id=row["id"],
-        state=row["state"],
-        position=row["position"],
-        settings=JobSettings.from_dict(json.loads(row["settings"])),
-        resolved_seed=row["resolved_seed"],
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        error=row["error"],
-        note=row["note"],
-        output_path=row["output_path"],
-        progress=progress,
-        preview_path=row["preview_path"],
-        attempts=row["attempts"],
-        oom_retries=row["oom_retries"],
-        cancel_requested=bool(row["cancel_requested"]),
-        worker_id=row["worker_id"],
-        worker_pid=row["worker_pid"],
-        heartbeat_at=row["heartbeat_at"],
-    )
 
 
 # ---------------------------------------------------------------------------------------------------- liveness
@@ -179,110 +91,13 @@ class JobStore:
         self.inputs_dir = self.folder / "inputs"
         self.previews_dir = self.folder / "previews"
         self.outputs_dir = self.folder / "outputs"
-        self.busy_timeout_s = busy_timeout_s
-        self._local = threading.local()
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create the folder {self.folder} for the job queue: {exc}") from exc
-        self._initialise()
+        self._db = JobDatabase(self.path, busy_timeout_s=busy_timeout_s)
 
     # ------------------------------------------------------------------------------------------- plumbing
 
-    def _conn(self) -> sqlite3.Connection:
-        """This thread's connection (a forked child opens its own; SQLite connections must not cross forks)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None or self._local.pid != os.getpid():
-            with self._errors():
-                conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout_s, isolation_level=None)
-                conn.row_factory = sqlite3.Row
-                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-                conn.execute("PRAGMA synchronous = FULL")  # a commit is on disk before add() returns
-            self._local.conn, self._local.pid = conn, os.getpid()
-        return conn
-
     def close(self) -> None:
         """Close this thread's connection (others close when their thread ends)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            conn.close()
-        self._local.conn = None
-
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        """Turn sqlite3 errors into StoreError subclasses whose message names the file and the remedy."""
-        try:
-            yield
-        except sqlite3.OperationalError as exc:
-            text = str(exc).lower()
-            if "locked" in text or "busy" in text:
-                raise StoreBusyError(
-                    f"the job queue {self.path} stayed locked by another program for {self.busy_timeout_s:g} s "
-                    f"({exc}); close other wan-local windows or tools that have the file open and try again"
-                ) from exc
-            raise StoreError(
-                f"cannot use the job queue {self.path}: {exc}; check that the folder is writable and the disk "
-                "is not full"
-            ) from exc
-        except sqlite3.DatabaseError as exc:
-            raise StoreCorruptError(self._corrupt_message(str(exc))) from exc
-
-    def _corrupt_message(self, why: str) -> str:
-        return (
-            f"the job queue {self.path} cannot be read ({why}). The file was left untouched. Close wan-local, "
-            f"move the file aside (for example rename it to {self.path.name}.broken) and start again for an "
-            "empty queue; videos already made are not affected"
-        )
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One atomic write transaction (BEGIN IMMEDIATE takes the write lock up front, so no upgrade deadlock)."""
-        conn = self._conn()
-        with self._errors():
-            conn.execute("BEGIN IMMEDIATE")
-            committed = False
-            try:
-                yield conn
-                conn.execute("COMMIT")
-                committed = True
-            finally:
-                if not committed and conn.in_transaction:
-                    conn.execute("ROLLBACK")
-
-    def _initialise(self) -> None:
-        conn = self._conn()
-        with self._errors():
-            # Read-only checks first: a foreign or damaged file must not be switched to WAL (that writes).
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if tables - {"sqlite_sequence", "schema_version", "jobs", "workers"}:
-                raise StoreCorruptError(self._corrupt_message("it is an SQLite file, but not a wan-local queue"))
-            problems = [r[0] for r in conn.execute("PRAGMA quick_check")]
-            if problems != ["ok"]:
-                raise StoreCorruptError(self._corrupt_message(" ".join("; ".join(problems[:3]).split())))
-            if "schema_version" in tables and self._version(conn) == SCHEMA_VERSION:
-                return  # nothing to write: opening never waits for a busy writer (the worker)
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                log.warning("%s: journal mode is %s, not WAL (network drive?)", self.path, mode)
-        with self._write() as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            version = self._version(conn)
-            if version is None:
-                conn.execute("INSERT INTO schema_version (version) VALUES (0)")
-            for v in range(version or 0, SCHEMA_VERSION):
-                log.info("%s: migrating job queue schema %d -> %d", self.path, v, v + 1)
-                for statement in MIGRATIONS[v]:
-                    conn.execute(statement)
-            conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
-
-    def _version(self, conn: sqlite3.Connection) -> int | None:
-        row = conn.execute("SELECT version FROM schema_version").fetchone()
-        if row is not None and row[0] > SCHEMA_VERSION:
-            raise StoreError(
-                f"the job queue {self.path} was written by a newer wan-local (schema {row[0]}, this version "
-                f"knows {SCHEMA_VERSION}); update wan-local, or move the file aside for an empty queue"
-            )
-        return None if row is None else row[0]
+        self._db.close()
 
     def _row(self, conn: sqlite3.Connection, job_id: int) -> sqlite3.Row:
         row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -333,17 +148,17 @@ class JobStore:
         """Append a job at the end of the queue; copies the image and draws the seed if it is -1."""
         settings = self._prepare(settings, validate)
         seed = settings.seed if settings.seed >= 0 else random.randint(0, sys.maxsize)
-        with self._write() as conn:
+        with self._db.write() as conn:
             cur = conn.execute(
                 "INSERT INTO jobs (created_at, position, state, settings, resolved_seed) VALUES (?, ?, 'queued', ?, ?)",
                 (time.time(), self._back(conn), json.dumps(settings.to_dict()), seed),
             )
-            return _job_from_row(self._row(conn, cur.lastrowid))
+            return job_from_row(self._row(conn, cur.lastrowid))
 
     def get(self, job_id: int) -> Job:
         """The job `job_id`; InputError if there is none."""
-        with self._errors():
-            return _job_from_row(self._row(self._conn(), job_id))
+        with self._db.errors():
+            return job_from_row(self._row(self._db.conn(), job_id))
 
     def list(self, states: tuple[str, ...] | None = None) -> list[Job]:
         """All jobs (or those in `states`) in queue order: position, then id."""
@@ -351,9 +166,9 @@ class JobStore:
         if states:
             query += f" WHERE state IN ({', '.join('?' * len(states))})"
             args = tuple(states)
-        with self._errors():
-            rows = self._conn().execute(query + " ORDER BY position, id", args).fetchall()
-        return [_job_from_row(r) for r in rows]
+        with self._db.errors():
+            rows = self._db.conn().execute(query + " ORDER BY position, id", args).fetchall()
+        return [job_from_row(r) for r in rows]
 
     def edit(self, job_id: int, *, validate: bool = True, **changes: Any) -> Job:
         """Change settings of a queued job (fields of JobSettings); a new image is copied, a new seed re-drawn."""
@@ -370,7 +185,7 @@ class JobStore:
         seed = current.resolved_seed
         if "seed" in changes:
             seed = settings.seed if settings.seed >= 0 else random.randint(0, sys.maxsize)
-        with self._write() as conn:
+        with self._db.write() as conn:
             state = self._row(conn, job_id)["state"]
             if state != "queued":
                 raise InputError(f"job {job_id} is {state}; only queued jobs can be edited")
@@ -378,13 +193,13 @@ class JobStore:
                 "UPDATE jobs SET settings = ?, resolved_seed = ? WHERE id = ?",
                 (json.dumps(settings.to_dict()), seed, job_id),
             )
-            return _job_from_row(self._row(conn, job_id))
+            return job_from_row(self._row(conn, job_id))
 
     def move(self, job_id: int, direction: str) -> bool:
         """Swap a queued job with the queued job before ("up") or after ("down") it; False at either end."""
         if direction not in ("up", "down"):
             raise InputError(f"direction {direction!r} is not one of up, down")
-        with self._write() as conn:
+        with self._db.write() as conn:
             row = self._row(conn, job_id)
             if row["state"] != "queued":
                 raise InputError(f"job {job_id} is {row['state']}; only queued jobs can be moved")
@@ -403,7 +218,7 @@ class JobStore:
 
     def request_cancel(self, job_id: int) -> Job:
         """Cancel: a queued job becomes cancelled now; a running one is flagged and its worker stops within a step."""
-        with self._write() as conn:
+        with self._db.write() as conn:
             state = self._row(conn, job_id)["state"]
             if state == "queued":
                 conn.execute(
@@ -415,11 +230,11 @@ class JobStore:
                 conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             elif state != "cancelled":
                 raise InputError(f"job {job_id} is already {state}; there is nothing to cancel")
-            return _job_from_row(self._row(conn, job_id))
+            return job_from_row(self._row(conn, job_id))
 
     def retry(self, job_id: int) -> Job:
         """Put a failed or cancelled job back at the end of the queue (same settings and seed)."""
-        with self._write() as conn:
+        with self._db.write() as conn:
             state = self._row(conn, job_id)["state"]
             if state not in ("failed", "cancelled"):
                 raise InputError(f"job {job_id} is {state}; only failed or cancelled jobs can be retried")
@@ -428,11 +243,11 @@ class JobStore:
                 "finished_at = NULL, progress_step = 0, progress_stage = NULL, eta_seconds = NULL WHERE id = ?",
                 (self._back(conn), job_id),
             )
-            return _job_from_row(self._row(conn, job_id))
+            return job_from_row(self._row(conn, job_id))
 
     def remove(self, job_id: int) -> None:
         """Delete a job that is not running (its video, if any, stays on disk)."""
-        with self._write() as conn:
+        with self._db.write() as conn:
             state = self._row(conn, job_id)["state"]
             if state == "running":
                 raise InputError(f"job {job_id} is running; cancel it first")
@@ -446,7 +261,7 @@ class JobStore:
         A worker row whose process is gone (or whose heartbeat is older than `stale_after_s`) is dropped.
         """
         now, host, pid = time.time(), socket.gethostname(), os.getpid()
-        with self._write() as conn:
+        with self._db.write() as conn:
             for row in conn.execute("SELECT * FROM workers").fetchall():
                 if not self._worker_dead(row, now, stale_after_s):
                     raise WorkerAlreadyRunning(
@@ -461,7 +276,7 @@ class JobStore:
 
     def unregister_worker(self, worker_id: str) -> None:
         """Forget a worker that stops cleanly."""
-        with self._write() as conn:
+        with self._db.write() as conn:
             conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
 
     @staticmethod
@@ -477,7 +292,7 @@ class JobStore:
         at the front of the queue, in their old order; return their ids. Called when a worker starts."""
         now = time.time() if now is None else now
         requeued = []
-        with self._write() as conn:
+        with self._db.write() as conn:
             rows = conn.execute("SELECT * FROM jobs WHERE state = 'running' ORDER BY position DESC, id DESC")
             for job in rows.fetchall():
                 worker = conn.execute("SELECT * FROM workers WHERE id = ?", (job["worker_id"],)).fetchone()
@@ -502,11 +317,11 @@ class JobStore:
     def claim_next(self, worker_id: str) -> Job | None:
         """Atomically take the first queued job for `worker_id` (state running, attempts + 1); None if empty."""
         query = "SELECT id FROM jobs WHERE state = 'queued' AND cancel_requested = 0 ORDER BY position, id LIMIT 1"
-        with self._errors():
-            if self._conn().execute(query).fetchone() is None:
+        with self._db.errors():
+            if self._db.conn().execute(query).fetchone() is None:
                 return None  # an idle worker polls: only a read, no write lock
         now = time.time()
-        with self._write() as conn:
+        with self._db.write() as conn:
             row = conn.execute(query).fetchone()
             if row is None:
                 return None
@@ -516,7 +331,7 @@ class JobStore:
                 "progress_stage = 'starting', eta_seconds = NULL, progress_updated_at = ? WHERE id = ?",
                 (now, now, worker_id, os.getpid(), now, row["id"]),
             )
-            return _job_from_row(self._row(conn, row["id"]))
+            return job_from_row(self._row(conn, row["id"]))
 
     def update_progress(
         self,
@@ -532,7 +347,7 @@ class JobStore:
         """Record progress (None keeps a field's value) and the heartbeat; return True when the worker should stop
         (cancel requested, or the job is no longer this worker's)."""
         now = time.time()
-        with self._write() as conn:
+        with self._db.write() as conn:
             cur = conn.execute(
                 "UPDATE jobs SET progress_step = COALESCE(?, progress_step), "
                 "progress_total = COALESCE(?, progress_total), progress_stage = COALESCE(?, progress_stage), "
@@ -550,7 +365,7 @@ class JobStore:
         """Refresh the worker's (and its job's) heartbeat; return True when that job should stop."""
         if job_id is not None:
             return self.update_progress(job_id, worker_id)
-        with self._write() as conn:
+        with self._db.write() as conn:
             conn.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (time.time(), worker_id))
         return False
 
@@ -560,7 +375,7 @@ class JobStore:
         """End a running job as done, failed or cancelled; False if it was no longer this worker's."""
         if state not in FINAL_STATES:
             raise ValueError(f"state {state!r} is not one of {', '.join(FINAL_STATES)}")
-        with self._write() as conn:
+        with self._db.write() as conn:
             cur = conn.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, error = ?, output_path = COALESCE(?, output_path), "
                 "progress_stage = ?, eta_seconds = NULL, worker_pid = NULL "
@@ -576,7 +391,7 @@ class JobStore:
     ) -> bool:
         """Give a running job back to the front of the queue (worker stopping, or an out-of-memory retry with
         changed `settings`; `oom` counts it in oom_retries). False if it was no longer this worker's."""
-        with self._write() as conn:
+        with self._db.write() as conn:
             row = conn.execute(
                 "SELECT * FROM jobs WHERE id = ? AND state = 'running' AND worker_id = ?", (job_id, worker_id)
             ).fetchone()

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wan_local.errors import WanLocalError
+from wan_local.jobs.database import StoreBusyError
 from wan_local.jobs.runner import JobOutOfMemory, JobRunner, Progress, is_out_of_memory
-from wan_local.jobs.store import Job, JobStore, StoreBusyError
+from wan_local.jobs.store import Job, JobStore
 
 if TYPE_CHECKING:
     from wan_local.sampling.denoise import CancelToken

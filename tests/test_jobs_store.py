@@ -276,7 +276,7 @@ def test_queue_commands(tiny, tmp_path, capsys):
     assert _cli("queue", "add", *gen, "--prompt", "a fox", "--seed", "3", "--store", db) == 0
     owl = [*gen, "--prompt", "an owl", "--guide-scale", "3,4", "--preset", "gpu24-ram32", "--quant", "int8",
            "--vram-budget-gb", "10", "--store", db]  # fmt: skip
-    with pytest.raises(InputError, match="Not queued: .*needs a CUDA GPU"):
+    with pytest.raises(InputError, match=r"Not queued: .*needs a CUDA GPU"):
         _cli("queue", "add", *owl)  # a GPU preset on this CPU-only machine: refused unless forced
     assert _cli("queue", "add", *owl, "--force") == 0
     assert _cli("queue", "cancel", "2", "--store", db) == 0

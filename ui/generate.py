@@ -152,6 +152,17 @@ class GenerateHandlers:
         size = resolve_size(form, spec)
         frames = resolve_frames(form, spec)
         steps = resolve_steps(form)
+        device = self.ctx.settings.current.device
+        job = JobSettings(
+            task=spec.name,
+            ckpt_dir=str(Path(form.model_dir).expanduser()) if form.model_dir else "",
+            prompt="",
+            size=size,
+            frames=frames,
+            steps=steps,
+            seed=0,
+            device=None if device == "auto" else device,
+        )
         return predict(
             task=spec.name,
             size=size,
@@ -163,6 +174,7 @@ class GenerateHandlers:
             estimator=self.ctx.estimator,
             dit_config=load_dit_config(form.model_dir, spec.name),
             components=load_components(form.model_dir, spec.name),
+            job=job,
         )
 
     def prediction_text(self, form: FormValues) -> str:

@@ -10,12 +10,14 @@ Nothing here imports Gradio or torch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wan_local.errors import WanLocalError
 from wan_local.machine import GIB, MachineInfo
 from wan_local.presets import Preset, Verdict, admit
 
@@ -26,14 +28,44 @@ Estimator = Callable[..., Any]
 peak_vram_bytes, peak_ram_bytes and seconds."""
 
 
-def load_estimator() -> Estimator | None:
-    """`estimate_job` when the estimate module is installed, else None (the UI then shows "no estimate")."""
-    try:
+class EngineEstimator:
+    """The engine itself as the UI's estimator: `admit(job, machine, presets)` resolves and admits a job exactly as
+    `wan-local generate`, `queue add` and the worker do (wan_local.engine); calling it estimates like
+    `estimate_job` (the Queue tab's time per job)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         from wan_local.memory.estimate import estimate_job
+
+        return estimate_job(*args, **kwargs)
+
+    def admit(self, job: Any, machine: MachineInfo, presets: Mapping[str, Preset]) -> Prediction:
+        """The engine's verdict on `job` (JobSettings with the preset asked for). A model folder that cannot be
+        read yet (still downloading, wrong task) is judged with the official files' sizes instead."""
+        import dataclasses
+
+        from wan_local.engine.admit import admit_job
+        from wan_local.engine.resolve import resolve_job
+        from wan_local.errors import CheckpointError
+
+        try:
+            resolved = resolve_job(job, machine=machine, presets=presets, need_image=False)
+        except CheckpointError as exc:
+            log.debug("prediction without the model folder (%s)", exc)
+            resolved = resolve_job(
+                dataclasses.replace(job, ckpt_dir=""), machine=machine, presets=presets, need_image=False
+            )
+        admission = admit_job(resolved, refused="Not queued")
+        return Prediction(resolved.requested, admission.preset, admission.message, admission.estimate)
+
+
+def load_estimator() -> Estimator | None:
+    """The engine's estimator when the engine is installed, else None (the UI then shows "no estimate")."""
+    try:
+        import wan_local.engine.admit  # noqa: F401
     except ImportError as exc:
         log.info("no job estimates: %s", exc)
         return None
-    return estimate_job
+    return EngineEstimator()
 
 
 def load_dit_config(model_dir: str | Path | None, task: str) -> Any:
@@ -113,11 +145,21 @@ def predict(
     estimator: Estimator | None,
     dit_config: Any = None,
     components: Any = None,
+    job: Any = None,
 ) -> Prediction:
     """Estimate the job with `requested`'s memory options, degrading along its fallback chain, or refuse it
-    (presets.admit decides; this adds the estimate shown in the panel)."""
+    (presets.admit decides; this adds the estimate shown in the panel). With the engine's estimator and `job`
+    (its JobSettings), the engine's own resolve + admit decide, as for every other entry point."""
     if estimator is None:
         return Prediction(requested, requested, f"No estimate available; the job runs with '{requested.label}'.")
+    if job is not None and hasattr(estimator, "admit"):
+        try:
+            return estimator.admit(dataclasses.replace(job, preset=requested.name), machine, presets)
+        except WanLocalError:
+            raise
+        except Exception as exc:  # the estimate is advisory: its failure must never block queueing
+            log.warning("estimate failed for %s %s: %s", task, size, exc, exc_info=True)
+            return Prediction(requested, requested, f"No estimate ({exc}); the job runs with '{requested.label}'.")
     estimates: list[Any] = []
 
     def estimate(options) -> tuple[int, int]:

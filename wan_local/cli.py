@@ -143,7 +143,7 @@ def _run_estimate(args: argparse.Namespace, out: TextIO | None = None) -> int:
         preset=args.preset,
         memory=memory_overrides(args),
     )
-    job = resolve_job(request, machine=machine)
+    job = resolve_job(request, machine=machine, need_image=False)
     admission = admit_job(job, refused="Would not start")
     est, s = admission.estimate, job.settings
     shown = admission.memory or job.memory(job.requested)

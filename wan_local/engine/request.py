@@ -69,14 +69,15 @@ class GenerationSettings:
     solver: str = "unipc"
     seed: int = -1
 
-    def resolve(self) -> GenerationSettings:
-        """Fill defaults, pick a seed, validate; raise InputError naming the first bad setting."""
+    def resolve(self, *, need_image: bool = True) -> GenerationSettings:
+        """Fill defaults, pick a seed, validate; raise InputError naming the first bad setting. need_image False
+        lets an estimate of an image task go without its image."""
         spec = get_task(self.task)
         size = tuple(self.size) if self.size is not None else spec.default_size
         frames = self.frames if self.frames is not None else spec.frames
         check_size(spec, *size)
         check_frames(spec, frames)
-        if spec.needs_image and not self.image:
+        if spec.needs_image and not self.image and need_image:
             raise InputError(f"{spec.name} needs an input image (--image)")
         if self.image and not spec.accepts_image:
             raise InputError(f"{spec.name} takes no image; use i2v-A14B or ti2v-5B for image-to-video")
@@ -181,12 +182,12 @@ class JobSettings:
             seed=seed,
         )
 
-    def check_fields(self) -> None:
+    def check_fields(self, *, need_image: bool = True) -> None:
         """Validate the job's own fields (not its files); InputError naming the first bad one."""
         from wan_local.memory.options import MemoryOptions
 
         check_seed(self.seed)
-        self.generation(max(self.seed, 0)).resolve()
+        self.generation(max(self.seed, 0)).resolve(need_image=need_image)
         if self.device not in (None, *DEVICES):
             raise InputError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.dtype not in (None, *DTYPES):

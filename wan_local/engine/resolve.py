@@ -140,14 +140,16 @@ def resolve_job(
     seed: int | None = None,
     machine: MachineInfo | None = None,
     presets: Mapping[str, Preset] | None = None,
+    need_image: bool = True,
 ) -> ResolvedJob:
     """Resolve `job` for `machine` (default: this machine, measured now). seed: the seed already drawn for a
-    queued job (else the job's own, -1 drawing one). Raises InputError / CheckpointError naming the problem."""
+    queued job (else the job's own, -1 drawing one). need_image False: an estimate of an image task without
+    its image. Raises InputError / CheckpointError naming the problem."""
     from wan_local.machine import detect_machine
     from wan_local.presets import load_presets, pick_preset
 
-    job.check_fields()
-    settings = job.generation(job.seed if seed is None else seed).resolve()
+    job.check_fields(need_image=need_image)
+    settings = job.generation(job.seed if seed is None else seed).resolve(need_image=need_image)
     spec = get_task(settings.task)
     if settings.image:
         from wan_local.video import load_image

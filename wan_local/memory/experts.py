@@ -153,7 +153,7 @@ class ExpertSlots:
         chunk = None if plan is None else plan.ffn_chunk_tokens
         for block in getattr(model, "blocks", ()):  # wrappers without blocks (golden-test recorders) run as they are
             block.ffn_chunk_tokens = chunk
-        if self._device.type == "cuda" and plan is not None and plan.streamed_blocks:
+        if plan is not None and plan.streamed_blocks:  # on the CPU too: synchronous copies, the same slots
             from wan_local.memory.streaming import BlockStreamer, move_unstreamed
 
             move_unstreamed(model, plan.streamed_blocks, self._device)

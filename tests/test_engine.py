@@ -174,3 +174,51 @@ def test_offload_blocks_streams_on_the_cpu_and_changes_no_bit(tiny, tmp_path):
     assert resident == total > 0
     assert f"DiT blocks 0 of {total} resident, {total} streamed" in plans["blocks"]
     assert all(torch.equal(results["none"][k], results["blocks"][k]) for k in ("latents", "video"))
+
+
+def _real_shape_checkpoint(task: str, linear_dtype: str, other_dtype: str):
+    """A CheckpointInfo of the real shapes as resolve reads it from a file's header (no file is written): the
+    official key names of a meta-built DiT, block Linear weights in `linear_dtype` (with ComfyUI's 0-dim float32
+    `scale_weight` when that is fp8), everything else in `other_dtype`."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from wan_local.engine.resolve import CheckpointInfo
+    from wan_local.memory.bytes import TEXT_ENCODER_PARAMS, VAE_PARAMS, official_dit_config
+    from wan_local.memory.quant import is_quant_target
+    from wan_local.models.dit import WanDiT
+    from wan_local.specs import get_task
+    from wan_local.weights.layout import CheckpointSet
+
+    cfg = official_dit_config(task)
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    table = {k: SimpleNamespace(shape=tuple(v.shape), dtype=other_dtype) for k, v in model.state_dict().items()}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and is_quant_target(name, "all"):
+            table[f"{name}.weight"].dtype = linear_dtype
+            if linear_dtype == "F8_E4M3":
+                table[f"{name}.scale_weight"] = SimpleNamespace(shape=(), dtype="F32")
+    file_bytes = sum(torch.Size(t.shape).numel() * (1 if t.dtype == "F8_E4M3" else 2) for t in table.values())
+    files = CheckpointSet("comfyui", {}, Path("vae"), Path("umt5"), Path("tokenizer"))
+    vae = VAE_PARAMS[get_task(task).vae]
+    return CheckpointInfo(files, cfg, table, file_bytes, TEXT_ENCODER_PARAMS, vae)
+
+
+def test_a_comfyui_fp8_checkpoint_is_planned_as_stored():
+    """T2V-A14B from ComfyUI's fp8_scaled files with --quant none is planned at fp8 size, not at bf16 size (the
+    earlier estimate said 29 GiB for what measured 15 GiB); a bf16 file of the same shapes plans at bf16."""
+    base = JobSettings(task="t2v-A14B", ckpt_dir="", prompt="", size=(832, 480), seed=1, device="cpu",
+                       preset="cpu", memory={"quant": "none"})  # fmt: skip
+    job = resolve_job(base, machine=_machine(0, 64))
+    peaks = {}
+    for name, dtypes in (("fp8", ("F8_E4M3", "BF16")), ("bf16", ("BF16", "BF16"))):
+        resolved = dataclasses.replace(job, checkpoint=_real_shape_checkpoint("t2v-A14B", *dtypes))
+        admission = admit_job(resolved, force=True)
+        plan = admission.estimate.plan
+        peaks[name] = (admission.estimate.peak_ram_bytes, plan.denoise_ram_bytes)
+    expert_bf16 = 2 * 14.3e9
+    saved = peaks["bf16"][1] - peaks["fp8"][1]  # the same job but the expert's Linear weights at 1 byte, not 2
+    assert 0.45 * expert_bf16 < saved < 0.55 * expert_bf16, peaks

@@ -533,8 +533,8 @@ def test_cpu_plan_holds_everything_in_ram():
 
 
 def test_default_pinned_cap():
-    assert P.default_pinned_cap_bytes(32 * GIB, "Windows") == int(0.4 * 32 * GIB)
-    assert P.default_pinned_cap_bytes(64 * GIB, "Linux") == int(0.9 * 64 * GIB)
-    assert P.default_pinned_cap_bytes(8 * GIB, "Linux") == 4 * GIB  # RAM - 4 GiB
-    assert P.default_pinned_cap_bytes(4 * GIB, "Darwin") == int(0.4 * 4 * GIB)
-    assert P.default_pinned_cap_bytes(32 * GIB, "Linux") == 28 * GIB
+    assert B.default_pinned_cap_bytes(32 * GIB, "Windows") == int(0.4 * 32 * GIB)
+    assert B.default_pinned_cap_bytes(64 * GIB, "Linux") == int(0.9 * 64 * GIB)
+    assert B.default_pinned_cap_bytes(8 * GIB, "Linux") == 4 * GIB  # RAM - 4 GiB
+    assert B.default_pinned_cap_bytes(4 * GIB, "Darwin") == int(0.4 * 4 * GIB)
+    assert B.default_pinned_cap_bytes(32 * GIB, "Linux") == 28 * GIB

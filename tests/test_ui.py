@@ -253,6 +253,36 @@ def test_admission_refuses_a_job_that_fits_no_preset_and_reports_planner_errors(
     assert ctx.store.list() == []
 
 
+def test_the_tab_gives_the_engines_own_verdict(make_ctx):
+    """With the real estimator the Generate tab's verdict is the one `wan-local generate` / `queue add` / the
+    worker reach for the same job on the same machine (wan_local.engine), word for word."""
+    from ui.prediction import EngineEstimator
+    from wan_local.engine.admit import admit_job
+    from wan_local.engine.resolve import resolve_job
+
+    ctx = make_ctx(machine=CPU_BOX, estimator=EngineEstimator())
+    gen = GenerateHandlers(ctx)
+    for size in ("64*48", "8192*8192"):
+        form = with_model_dir(ctx, t2v_form(custom_size=size))
+        job = JobSettings(
+            task="t2v-A14B",
+            ckpt_dir=form.model_dir,
+            prompt=form.prompt,
+            size=tuple(int(v) for v in size.split("*")),
+            frames=5,
+            steps=3,
+            seed=1,
+            preset=ctx.pick.preset.name,
+        )
+        expected = admit_job(resolve_job(job, machine=CPU_BOX, presets=ctx.presets), refused="Not queued")
+        text = gen.prediction_text(form)
+        assert expected.message in text
+        assert text.startswith("✓" if expected.admitted else "✗"), text
+        message = gen.add(form)
+        assert message.startswith("✓ Queued" if expected.admitted else "✗ Not queued"), message
+    assert len(ctx.store.list()) == 1, "only the job that fits was queued"
+
+
 def test_a_missing_or_broken_estimator_never_blocks_queueing(make_ctx):
     def broken(*args, **kwargs):
         raise RuntimeError("estimator bug")

@@ -232,3 +232,32 @@ def test_out_of_memory_retries_follow_the_preset_fallback_chain():
     assert fallback_preset("gpu16-ram32") is None, "the bottom of the GPU chain never falls back to the CPU"
     assert fallback_preset("no-such-preset") is None
     assert fallback_preset("auto") is None  # this test machine has no GPU: the CPU preset, which has no fallback
+
+
+def test_the_worker_admits_each_job_again_when_it_claims_it(tiny, tmp_path, store, monkeypatch):
+    """RAM changes between queueing and running (overnight): a job that no longer fits fails with the admission's
+    message before anything loads, and the queue goes on with the next job."""
+    import dataclasses
+
+    import wan_local.machine
+
+    fits = dict(ckpt_dir=str(tiny / "t2v-A14B"), size=(64, 48), frames=5, steps=2, device="cpu")
+    _add(store, "a fox", **fits)
+    _add(store, "an owl", **fits)
+    real = wan_local.machine.detect_machine()
+    starved = dataclasses.replace(real, ram_available_bytes=2**30)  # 1 GiB left: less than the margin kept free
+    machines = iter([starved, real])
+    monkeypatch.setattr(wan_local.machine, "detect_machine", lambda *a, **k: next(machines, real))
+    loads = []
+    monkeypatch.setattr(WanPipeline, "__init__", lambda self, *a, **k: loads.append(a) or _no_pipeline())
+    runner = PipelineRunner(tmp_path / "out", tmp_path / "previews")
+    assert run_worker(store, runner, once=True, poll_s=0.01) == 2
+    fox, owl = store.list()
+    assert fox.state == "failed" and fox.error.startswith("Not started: this job does not fit this machine")
+    assert "RAM" in fox.error
+    assert owl.state == "failed" and "no pipeline in this test" in owl.error, "the next job was admitted and ran"
+    assert len(loads) == 1, "nothing was loaded for the refused job"
+
+
+def _no_pipeline():
+    raise InputError("no pipeline in this test")

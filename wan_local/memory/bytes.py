@@ -429,3 +429,13 @@ def model_bytes_from_tensors(
         quant=quantized,
         dequant_scratch_bytes=scratch,
     )
+
+
+def default_pinned_cap_bytes(ram_total_bytes: int, os_name: str) -> int:
+    """Most page-locked RAM to use: 40 % of RAM on Windows (WDDM); elsewhere max(40 %, min(90 %, RAM - 4 GiB)).
+
+    ComfyUI's rule without the swap term (engine notes §1.4, §2, implication 4).
+    """
+    if os_name.lower().startswith("win"):
+        return int(0.4 * ram_total_bytes)
+    return int(max(0.4 * ram_total_bytes, min(0.9 * ram_total_bytes, ram_total_bytes - 4 * GIB)))

@@ -28,6 +28,7 @@ from wan_local.memory.bytes import (
     ComponentBytes,
     ModelBytes,
     activation_bytes,
+    default_pinned_cap_bytes,
     dit_bytes,
     latent_grid,
     model_bytes_from_tensors,
@@ -39,7 +40,7 @@ from wan_local.memory.bytes import (
 from wan_local.memory.options import (
     MemoryOptions,
 )
-from wan_local.memory.plan import ResidencyPlan, default_pinned_cap_bytes, plan_cpu, plan_residency
+from wan_local.memory.plan import ResidencyPlan, plan_cpu, plan_residency
 from wan_local.specs import TaskSpec, get_task
 
 if TYPE_CHECKING:

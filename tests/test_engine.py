@@ -139,8 +139,10 @@ def test_admission_reads_no_files(tiny, monkeypatch):
     """Planning and admission are pure functions of the resolved job: its files were read once, by resolve."""
     from wan_local.weights import headers, layout
 
-    job = resolve_job(JobSettings(task="t2v-A14B", ckpt_dir=str(tiny / "t2v-A14B"), prompt="", seed=1))
+    request = JobSettings(task="t2v-A14B", ckpt_dir=str(tiny / "t2v-A14B"), prompt="", seed=1, device="cpu")
+    job = resolve_job(request, machine=_machine(0, 32))
     assert job.checkpoint is not None and job.checkpoint.layout == "official"
+    admit_job(job)  # lets torch import what it imports lazily on first use (its own files, not the checkpoint's)
 
     def no_io(*args, **kwargs):
         raise AssertionError("admission read a file")

@@ -113,30 +113,20 @@ class GenerationSettings:
 
 
 @dataclass(frozen=True)
-class JobSettings:
-    """Everything needed to run a job, stored as JSON. `None` fields take the task's default at run time.
+class JobSettings(GenerationSettings):
+    """A video's settings plus everything needed to run it as a job, stored as JSON. `None` fields take the task's
+    default at run time.
 
-    size is (width, height); guide_scale is (low-noise, high-noise). seed -1 asks for a random seed, which the
-    store draws once on `add` (Job.resolved_seed) so a re-run after a crash gives the same video. image is the
+    seed -1 asks for a random seed, which the store draws once on `add` (Job.resolved_seed) so a re-run after a
+    crash gives the same video. ckpt_dir: the checkpoint folder ("" for an estimate without one). image is the
     store's own copy (image_source is where it came from). device None = cuda when available; dtype "bf16" or
     "fp32" (None = bf16). preset names a memory preset resolved at run time; memory holds explicit MemoryOptions
     overrides (field -> value). output None = <home>/outputs/<generated name>.mp4. force: run even when
     admission refuses the job (an expert's override of the memory check).
     """
 
-    task: str
-    ckpt_dir: str
-    prompt: str
-    negative_prompt: str = ""
-    image: str | None = None
+    ckpt_dir: str = ""
     image_source: str | None = None
-    size: tuple[int, int] | None = None
-    frames: int | None = None
-    steps: int | None = None
-    shift: float | None = None
-    guide_scale: tuple[float, float] | None = None
-    solver: str = "unipc"
-    seed: int = -1
     device: str | None = None
     dtype: str | None = None
     preset: str | None = None
@@ -168,19 +158,8 @@ class JobSettings:
 
     def generation(self, seed: int) -> GenerationSettings:
         """The GenerationSettings of this job with `seed` (the job's resolved seed when it runs)."""
-        return GenerationSettings(
-            task=self.task,
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            image=self.image,
-            size=self.size,
-            frames=self.frames,
-            steps=self.steps,
-            shift=self.shift,
-            guide_scale=self.guide_scale,
-            solver=self.solver,
-            seed=seed,
-        )
+        names = (f.name for f in dataclasses.fields(GenerationSettings))
+        return GenerationSettings(**{**{name: getattr(self, name) for name in names}, "seed": seed})
 
     def check_fields(self, *, need_image: bool = True) -> None:
         """Validate the job's own fields (not its files); InputError naming the first bad one."""

@@ -501,6 +501,18 @@ def test_plan_json_cli(capsys):
     assert [k["name"] for k in plan["kernels"]][-1] == "sageattention"
 
 
+def test_setup_env_py_runs_the_package_beside_it(tmp_path):
+    """The shell scripts run the file, from any folder and without PYTHONPATH: it finds `setup` beside it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env[ENV_NVIDIA_SMI] = str(DATA / "does-not-exist")
+    proc = subprocess.run(
+        [sys.executable, str(INSTALLERS / "setup_env.py"), "plan", "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["torch"]["tag"] == "cpu"
+
+
 # -------------------------------------------------------------------------------------- Python and venv
 
 

@@ -4,7 +4,6 @@ scratch copy of the project (slow)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -20,20 +19,23 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
+sys.path.insert(0, str(REPO_ROOT / "installers"))  # where setup_env.py finds the `setup` package
+from setup.cli import EXIT_BLOCKED, main
+from setup.drivers import cuda_for_driver
+from setup.errors import SetupError
+from setup.gpus import ENV_NVIDIA_SMI, GpuInfo, detect_gpus, nvidia_smi_path, parse_nvidia_smi
+from setup.install_log import LOG_NAME
+from setup.kernels import TRITON_FOR_TORCH, KernelChoice, choose_kernels, install_kernels
+from setup.marker import MARKER_NAME, marker_problems
+from setup.plan import build_plan, current_platform, describe_plan, plan_env_lines
+from setup.python_venv import ensure_venv, path_length_warning, python_problems, venv_python
+from setup.torch_choice import ENV_TORCH_INDEX, ENV_TORCH_SPEC, apply_overrides, choose_torch
+from setup.torch_installed import InstalledTorch, has_kernels_for, installed_torch, torch_action
+from setup.versions import requirement_allows, torch_requirement
+
 INSTALLERS = REPO_ROOT / "installers"
 DATA = REPO_ROOT / "tests" / "data" / "nvidia-smi"
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt" or shutil.which("bash") is None, reason="needs bash (Linux/macOS)")
-
-
-def _load_setup_env():
-    spec = importlib.util.spec_from_file_location("setup_env", INSTALLERS / "setup_env.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["setup_env"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-se = _load_setup_env()
 
 
 def _read(name: str) -> str:
@@ -57,7 +59,7 @@ def _recorded(case: str, status: int = 0):
 
 def _gpus(case: str) -> list:
     platform = "windows" if case.endswith("windows") else "linux"
-    gpus, _ = se.detect_gpus({se.ENV_NVIDIA_SMI: "nvidia-smi"}, platform, run=_recorded(case))
+    gpus, _ = detect_gpus({ENV_NVIDIA_SMI: "nvidia-smi"}, platform, run=_recorded(case))
     return gpus
 
 
@@ -98,52 +100,52 @@ def test_detect_gpus_from_recorded_output(case, driver, cuda, gpus, capabilities
 )
 def test_parse_the_plain_table_alone(case, names, memory):
     for text in (_read(f"{case}.txt"), _read(f"{case}.txt").replace("\n", "\r\n")):  # Windows line ends too
-        gpus = se.parse_nvidia_smi(text)
+        gpus = parse_nvidia_smi(text)
         assert [g.name for g in gpus] == names
         assert [g.memory_total_mib for g in gpus] == memory
         assert all(g.compute_capability is None for g in gpus)
 
 
 def test_parse_the_query_alone_derives_cuda_from_nvidias_driver_table():
-    (gpu,) = se.parse_nvidia_smi(_read("rtx4090-560-linux.query3.csv"))
+    (gpu,) = parse_nvidia_smi(_read("rtx4090-560-linux.query3.csv"))
     assert (gpu.name, gpu.driver_version, gpu.cuda_version) == ("NVIDIA GeForce RTX 4090", "560.35.03", (12, 6))
-    assert se.cuda_for_driver("570.133.07") == (12, 8)
-    assert se.cuda_for_driver("580.95.05") == (13, 0)
-    assert se.cuda_for_driver("470.256.02") == (11, 4)
-    assert se.cuda_for_driver("560.94", "windows") == (12, 6)
-    assert se.cuda_for_driver("560.70", "windows") == (12, 5)  # below 12.6's Windows driver 560.76
-    assert se.cuda_for_driver("390.12") is None
+    assert cuda_for_driver("570.133.07") == (12, 8)
+    assert cuda_for_driver("580.95.05") == (13, 0)
+    assert cuda_for_driver("470.256.02") == (11, 4)
+    assert cuda_for_driver("560.94", "windows") == (12, 6)
+    assert cuda_for_driver("560.70", "windows") == (12, 5)  # below 12.6's Windows driver 560.76
+    assert cuda_for_driver("390.12") is None
 
 
 @pytest.mark.parametrize("name", ["failed.txt", "no-devices.txt", "missing-linux.txt", "missing-windows.txt", ""])
 def test_no_gpu_outputs_parse_to_nothing(name):
-    assert se.parse_nvidia_smi(_read(name) if name else "") == []
-    assert se.parse_nvidia_smi(_read(name) if name else "", query="") == []
+    assert parse_nvidia_smi(_read(name) if name else "") == []
+    assert parse_nvidia_smi(_read(name) if name else "", query="") == []
 
 
 def test_detection_failures_are_explained():
-    env = {se.ENV_NVIDIA_SMI: "nvidia-smi"}
-    gpus, note = se.detect_gpus(env, "linux", run=lambda args: (9, _read("failed.txt")))
+    env = {ENV_NVIDIA_SMI: "nvidia-smi"}
+    gpus, note = detect_gpus(env, "linux", run=lambda args: (9, _read("failed.txt")))
     assert gpus == [] and "couldn't communicate with the NVIDIA driver" in note
 
-    gpus, note = se.detect_gpus(env, "linux", run=lambda args: (6, _read("no-devices.txt")))
+    gpus, note = detect_gpus(env, "linux", run=lambda args: (6, _read("no-devices.txt")))
     assert gpus == [] and "No devices were found" in note
 
     def missing(args):
         raise FileNotFoundError(args[0])
 
-    gpus, note = se.detect_gpus(env, "windows", run=missing)
+    gpus, note = detect_gpus(env, "windows", run=missing)
     assert gpus == [] and "not found" in note
 
 
 def test_nvidia_smi_is_looked_up_in_the_drivers_folders(tmp_path, monkeypatch):
-    monkeypatch.setattr(se.shutil, "which", lambda name: None)
-    assert se.nvidia_smi_path({se.ENV_NVIDIA_SMI: "/opt/x/nvidia-smi"}, "linux") == "/opt/x/nvidia-smi"
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert nvidia_smi_path({ENV_NVIDIA_SMI: "/opt/x/nvidia-smi"}, "linux") == "/opt/x/nvidia-smi"
     system32 = tmp_path / "System32"
     system32.mkdir()
     (system32 / "nvidia-smi.exe").write_bytes(b"")
-    assert se.nvidia_smi_path({"SystemRoot": str(tmp_path)}, "windows") == str(system32 / "nvidia-smi.exe")
-    assert se.nvidia_smi_path({"SystemRoot": str(tmp_path / "none"), "ProgramFiles": str(tmp_path)}, "windows") is None
+    assert nvidia_smi_path({"SystemRoot": str(tmp_path)}, "windows") == str(system32 / "nvidia-smi.exe")
+    assert nvidia_smi_path({"SystemRoot": str(tmp_path / "none"), "ProgramFiles": str(tmp_path)}, "windows") is None
 
 
 # ---------------------------------------------------------------------------------------- torch choice
@@ -164,7 +166,7 @@ REQ = "torch>=2.4,<2.15"
 )
 def test_choose_torch_matches_the_driver(case, tag):
     platform = "windows" if case.endswith("windows") else "linux"
-    choice = se.choose_torch(_gpus(case), platform, requirement=REQ)
+    choice = choose_torch(_gpus(case), platform, requirement=REQ)
     assert choice.error is None
     assert choice.tag == tag
     assert choice.index_url == f"https://download.pytorch.org/whl/{tag}"
@@ -173,18 +175,18 @@ def test_choose_torch_matches_the_driver(case, tag):
 
 
 def test_choice_explanations():
-    two = se.choose_torch(_gpus("rtx4090-rtx3060-570-linux"), "linux")
+    two = choose_torch(_gpus("rtx4090-rtx3060-570-linux"), "linux")
     assert "RTX 4090" in two.reason and "most memory" in two.reason and two.warning is None
-    pascal = se.choose_torch(_gpus("gtx1080ti-580-linux"), "linux")
+    pascal = choose_torch(_gpus("gtx1080ti-580-linux"), "linux")
     assert "compute capability 6.1" in pascal.reason
-    old_build = se.choose_torch(_gpus("rtx3090-535-linux"), "linux")
+    old_build = choose_torch(_gpus("rtx3090-535-linux"), "linux")
     assert "after torch 2.5" in old_build.warning and "560.28.03" in old_build.warning  # the driver for cu126
-    assert se.choose_torch(_gpus("rtx4090-560-linux"), "linux").warning is None
+    assert choose_torch(_gpus("rtx4090-560-linux"), "linux").warning is None
 
 
 @pytest.mark.parametrize(("platform", "minimum"), [("linux", "520.61.05"), ("windows", "520.06")])
 def test_driver_too_old_stops_with_the_minimum_driver(platform, minimum):
-    choice = se.choose_torch(_gpus("gtx1060-470-linux"), platform, requirement=REQ)
+    choice = choose_torch(_gpus("gtx1060-470-linux"), platform, requirement=REQ)
     assert choice.tag == "none" and choice.index_url is None
     assert "470.256.02" in choice.error and "CUDA 11.4" in choice.error
     assert f"minimum driver is {minimum}" in choice.error
@@ -192,46 +194,46 @@ def test_driver_too_old_stops_with_the_minimum_driver(platform, minimum):
 
 
 def test_gpus_no_build_supports_are_errors():
-    blackwell_old_driver = se.GpuInfo("NVIDIA GeForce RTX 5080", "560.35.03", (12, 6), 16303, (12, 0))
-    choice = se.choose_torch([blackwell_old_driver], "linux")
+    blackwell_old_driver = GpuInfo("NVIDIA GeForce RTX 5080", "560.35.03", (12, 6), 16303, (12, 0))
+    choice = choose_torch([blackwell_old_driver], "linux")
     assert choice.error and "CUDA 12.8" in choice.error and "570.26" in choice.error
-    kepler = se.GpuInfo("NVIDIA GeForce GTX 780", "560.35.03", (12, 6), 3072, (3, 5))
-    assert "older than any GPU" in se.choose_torch([kepler], "linux").error
+    kepler = GpuInfo("NVIDIA GeForce GTX 780", "560.35.03", (12, 6), 3072, (3, 5))
+    assert "older than any GPU" in choose_torch([kepler], "linux").error
 
 
 def test_other_gpus_the_build_cannot_use_are_named():
-    big = se.GpuInfo("NVIDIA GeForce RTX 5090", "581.57", (13, 0), 32607, (12, 0))
-    small = se.GpuInfo("NVIDIA GeForce GTX 1060 6GB", "581.57", (13, 0), 6144, (6, 1))
-    choice = se.choose_torch([small, big], "windows")
+    big = GpuInfo("NVIDIA GeForce RTX 5090", "581.57", (13, 0), 32607, (12, 0))
+    small = GpuInfo("NVIDIA GeForce GTX 1060 6GB", "581.57", (13, 0), 6144, (6, 1))
+    choice = choose_torch([small, big], "windows")
     assert choice.tag == "cu130" and "cannot use NVIDIA GeForce GTX 1060 6GB" in choice.warning
 
 
 def test_cpu_builds():
-    none = se.choose_torch([], "linux", requirement=REQ, detection="nvidia-smi not found")
+    none = choose_torch([], "linux", requirement=REQ, detection="nvidia-smi not found")
     assert (none.tag, none.index_url, none.error) == ("cpu", "https://download.pytorch.org/whl/cpu", None)
     assert "No NVIDIA GPU was found (nvidia-smi not found)" in none.warning and "takes hours" in none.warning
-    forced = se.choose_torch(_gpus("rtx4090-560-windows"), "windows", force_cpu=True)
+    forced = choose_torch(_gpus("rtx4090-560-windows"), "windows", force_cpu=True)
     assert forced.tag == "cpu" and "--cpu" in forced.reason and forced.warning
-    mac = se.choose_torch([], "macos")
+    mac = choose_torch([], "macos")
     assert mac.tag == "cpu" and mac.index_url is None  # PyPI's macOS build
 
 
 def test_environment_overrides_for_tests():
-    choice = se.choose_torch([], "linux", requirement=REQ)
-    env = {se.ENV_TORCH_SPEC: "torch==2.13.0", se.ENV_TORCH_INDEX: "default"}
-    local = se.apply_overrides(choice, env)
+    choice = choose_torch([], "linux", requirement=REQ)
+    env = {ENV_TORCH_SPEC: "torch==2.13.0", ENV_TORCH_INDEX: "default"}
+    local = apply_overrides(choice, env)
     assert (local.tag, local.requirement, local.index_url) == ("cpu", "torch==2.13.0", None)
-    mirror = se.apply_overrides(choice, {se.ENV_TORCH_INDEX: "https://mirror.example/whl/cpu"})
+    mirror = apply_overrides(choice, {ENV_TORCH_INDEX: "https://mirror.example/whl/cpu"})
     assert mirror.index_url == "https://mirror.example/whl/cpu" and mirror.requirement == REQ
-    assert se.apply_overrides(choice, {}) == choice
+    assert apply_overrides(choice, {}) == choice
 
 
 def test_torch_requirement_comes_from_pyproject(tmp_path):
-    req = se.torch_requirement(REPO_ROOT / "pyproject.toml")
-    assert req.startswith("torch") and se.requirement_allows(req, "2.13.0")  # the tested lower bound fits
+    req = torch_requirement(REPO_ROOT / "pyproject.toml")
+    assert req.startswith("torch") and requirement_allows(req, "2.13.0")  # the tested lower bound fits
     pyproject = tmp_path / "pyproject.toml"
     pyproject.write_text('[project]\ndependencies = ["torchvision>=0.1", "torch >= 2.5, < 3"]\n')
-    assert se.torch_requirement(pyproject) == "torch>=2.5,<3"
+    assert torch_requirement(pyproject) == "torch>=2.5,<3"
 
 
 @pytest.mark.parametrize(
@@ -250,17 +252,17 @@ def test_torch_requirement_comes_from_pyproject(tmp_path):
     ],
 )
 def test_requirement_allows(requirement, version, allowed):
-    assert se.requirement_allows(requirement, version) is allowed
+    assert requirement_allows(requirement, version) is allowed
 
 
 def test_torch_action():
-    cu126 = se.choose_torch(_gpus("rtx4090-560-linux"), "linux", requirement=REQ)
-    assert se.torch_action(cu126, None)[0] == "install"
-    assert se.torch_action(cu126, se.InstalledTorch("2.13.0+cpu", None))[0] == "reinstall"  # e.g. after test.sh
-    assert se.torch_action(cu126, se.InstalledTorch("2.13.0+cu126", "12.6"))[0] == "keep"
-    assert se.torch_action(cu126, se.InstalledTorch("2.16.0+cu126", "12.6"))[0] == "reinstall"
-    pip_default = se.apply_overrides(cu126, {se.ENV_TORCH_INDEX: "default"})
-    assert se.torch_action(pip_default, se.InstalledTorch("2.13.0", "13.0"))[0] == "keep"  # no index: no tag check
+    cu126 = choose_torch(_gpus("rtx4090-560-linux"), "linux", requirement=REQ)
+    assert torch_action(cu126, None)[0] == "install"
+    assert torch_action(cu126, InstalledTorch("2.13.0+cpu", None))[0] == "reinstall"  # e.g. after test.sh
+    assert torch_action(cu126, InstalledTorch("2.13.0+cu126", "12.6"))[0] == "keep"
+    assert torch_action(cu126, InstalledTorch("2.16.0+cu126", "12.6"))[0] == "reinstall"
+    pip_default = apply_overrides(cu126, {ENV_TORCH_INDEX: "default"})
+    assert torch_action(pip_default, InstalledTorch("2.13.0", "13.0"))[0] == "keep"  # no index: no tag check
 
 
 @pytest.mark.parametrize(
@@ -274,11 +276,11 @@ def test_torch_action():
     ],
 )
 def test_has_kernels_for(arch_list, cc, ok):
-    assert se.has_kernels_for(arch_list, cc) is ok
+    assert has_kernels_for(arch_list, cc) is ok
 
 
 def test_installed_torch_is_read_without_importing_it():
-    have = se.installed_torch()
+    have = installed_torch()
     import torch
 
     assert have.version == torch.__version__
@@ -290,8 +292,8 @@ def test_installed_torch_is_read_without_importing_it():
 
 
 def _kernels(platform, torch_version, cuda="12.6", python=(3, 12), case="rtx4090-560-linux"):
-    torch = se.InstalledTorch(torch_version, cuda)
-    return {k.name: k for k in se.choose_kernels(platform, python, torch, _gpus(case))}
+    torch = InstalledTorch(torch_version, cuda)
+    return {k.name: k for k in choose_kernels(platform, python, torch, _gpus(case))}
 
 
 def test_kernels_on_windows_use_the_triton_windows_release_of_this_torch():
@@ -327,17 +329,17 @@ def test_kernels_are_skipped_with_a_reason(platform, torch_version, cuda, python
 
 
 def test_triton_table_covers_every_torch_pyproject_allows():
-    req = se.torch_requirement(REPO_ROOT / "pyproject.toml")
-    allowed = [(2, minor) for minor in range(0, 40) if se.requirement_allows(req, f"2.{minor}.0")]
-    assert allowed and all(v in se.TRITON_FOR_TORCH for v in allowed), "add the new torch to TRITON_FOR_TORCH"
+    req = torch_requirement(REPO_ROOT / "pyproject.toml")
+    allowed = [(2, minor) for minor in range(0, 40) if requirement_allows(req, f"2.{minor}.0")]
+    assert allowed and all(v in TRITON_FOR_TORCH for v in allowed), "add the new torch to TRITON_FOR_TORCH"
 
 
 def test_install_kernels_never_fails_and_removes_wheels_that_do_not_import():
     choices = [
-        se.KernelChoice("triton", "triton", None, "comes with PyTorch's Linux CUDA build"),
-        se.KernelChoice("flash-attn", "flash_attn", "flash-attn", "FlashAttention-2"),
-        se.KernelChoice("sageattention", "sageattention", "sageattention", "SageAttention 1", needs_triton=True),
-        se.KernelChoice("triton-windows", "triton", None, "no builds for linux"),
+        KernelChoice("triton", "triton", None, "comes with PyTorch's Linux CUDA build"),
+        KernelChoice("flash-attn", "flash_attn", "flash-attn", "FlashAttention-2"),
+        KernelChoice("sageattention", "sageattention", "sageattention", "SageAttention 1", needs_triton=True),
+        KernelChoice("triton-windows", "triton", None, "no builds for linux"),
     ]
     calls, logged = [], []
 
@@ -348,7 +350,7 @@ def test_install_kernels_never_fails_and_removes_wheels_that_do_not_import():
     def imports(python, module):
         return (module == "triton", "" if module == "triton" else "ImportError: undefined symbol")
 
-    lines = se.install_kernels(
+    lines = install_kernels(
         choices,
         "python",
         "linux / Python 3.12 / torch 2.13.0+cu126",
@@ -365,7 +367,7 @@ def test_install_kernels_never_fails_and_removes_wheels_that_do_not_import():
     assert ("uninstall", "-y", "sageattention") in calls
     assert any("No matching distribution" in text for text in logged)
 
-    no_triton = se.install_kernels(
+    no_triton = install_kernels(
         choices[2:3],
         "python",
         "",
@@ -382,14 +384,14 @@ def test_install_kernels_never_fails_and_removes_wheels_that_do_not_import():
 
 def _plan(case=None, *, force_cpu=False, have=("2.13.0+cu126", "12.6"), sha="abc", env=None):
     gpus = _gpus(case) if case else []
-    return se.build_plan(
+    return build_plan(
         gpus,
         "nvidia-smi reported no GPU" if not gpus else "found",
         "linux",
         force_cpu=force_cpu,
         requirement=REQ,
         env=env or {},
-        have=se.InstalledTorch(*have) if have else None,
+        have=InstalledTorch(*have) if have else None,
         pyproject_sha256=sha,
         python=(3, 12, 4),
     )
@@ -400,49 +402,49 @@ def _completed(plan):
 
 
 def test_marker_says_when_the_set_up_must_run_again():
-    have = se.InstalledTorch("2.13.0+cu126", "12.6")
+    have = InstalledTorch("2.13.0+cu126", "12.6")
     plan = _plan("rtx4090-560-linux")
-    assert se.marker_problems(_completed(plan), plan, have) == ([], [])
-    assert "no completed set-up" in se.marker_problems(None, plan, have)[0][0]
-    assert "no completed set-up" in se.marker_problems({**plan, "completed": False}, plan, have)[0][0]
-    assert "no completed set-up" in se.marker_problems({"completed": True}, plan, have)[0][0]
+    assert marker_problems(_completed(plan), plan, have) == ([], [])
+    assert "no completed set-up" in marker_problems(None, plan, have)[0][0]
+    assert "no completed set-up" in marker_problems({**plan, "completed": False}, plan, have)[0][0]
+    assert "no completed set-up" in marker_problems({"completed": True}, plan, have)[0][0]
 
     new_driver = _plan("rtx4090-rtx3060-570-linux")
-    reasons, _ = se.marker_problems(_completed(plan), new_driver, have)
+    reasons, _ = marker_problems(_completed(plan), new_driver, have)
     assert "the PyTorch build needed changed: cu126 -> cu128" in reasons
     assert "the NVIDIA driver changed: 560.35.03 -> 570.133.07" in reasons
 
-    reasons, _ = se.marker_problems(_completed(plan), _plan("rtx4090-560-linux", sha="new"), have)
+    reasons, _ = marker_problems(_completed(plan), _plan("rtx4090-560-linux", sha="new"), have)
     assert reasons == ["pyproject.toml changed (a new version of wan-local?)"]
-    reasons, _ = se.marker_problems(_completed(plan), plan, None)
+    reasons, _ = marker_problems(_completed(plan), plan, None)
     assert reasons == ["PyTorch in .venv changed: 2.13.0+cu126 -> none"]
     cpu = _plan("rtx4090-560-linux", force_cpu=True)
-    assert "the PyTorch build needed changed: cu126 -> cpu" in se.marker_problems(_completed(plan), cpu, have)[0]
+    assert "the PyTorch build needed changed: cu126 -> cpu" in marker_problems(_completed(plan), cpu, have)[0]
 
 
 def test_a_gpu_that_vanishes_keeps_the_cuda_install():
-    have = se.InstalledTorch("2.13.0+cu126", "12.6")
-    reasons, warnings = se.marker_problems(_completed(_plan("rtx4090-560-linux")), _plan(None), have)
+    have = InstalledTorch("2.13.0+cu126", "12.6")
+    reasons, warnings = marker_problems(_completed(_plan("rtx4090-560-linux")), _plan(None), have)
     assert reasons == [] and "keeping it" in warnings[0] and "--repair" in warnings[0]
 
 
 def test_plan_is_described_in_plain_ascii_and_passed_to_the_shells():
     plan = _plan("rtx4090-560-windows", have=("2.13.0+cpu", None))
-    text = "\n".join(se.describe_plan(plan))
+    text = "\n".join(describe_plan(plan))
     assert text.isascii()
     assert "NVIDIA 560.94, supports CUDA up to 12.6" in text
     assert "cu126 build, from https://download.pytorch.org/whl/cu126" in text
     assert "now: reinstall" in text
-    assert se.plan_env_lines(plan) == [
+    assert plan_env_lines(plan) == [
         "TORCH_TAG=cu126",
         "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126",
         f"TORCH_REQUIREMENT={REQ}",
         "TORCH_ACTION=reinstall",
     ]
     blocked = _plan("gtx1060-470-linux")
-    assert "ERROR:    The NVIDIA driver 470.256.02" in "\n".join(se.describe_plan(blocked))
-    with pytest.raises(se.SetupError, match="cannot pass on safely"):
-        se.plan_env_lines(_plan(None, env={se.ENV_TORCH_SPEC: 'torch"==1'}))
+    assert "ERROR:    The NVIDIA driver 470.256.02" in "\n".join(describe_plan(blocked))
+    with pytest.raises(SetupError, match="cannot pass on safely"):
+        plan_env_lines(_plan(None, env={ENV_TORCH_SPEC: 'torch"==1'}))
 
 
 def _fake_nvidia_smi(folder: Path, case: str | None) -> Path:
@@ -465,61 +467,73 @@ def _fake_nvidia_smi(folder: Path, case: str | None) -> Path:
 @POSIX_ONLY
 def test_start_mark_check_cycle(tmp_path, capsys):
     venv = tmp_path / "venv"
-    env = {se.ENV_NVIDIA_SMI: str(_fake_nvidia_smi(tmp_path, None)), "PATH": os.environ.get("PATH", "")}
+    env = {ENV_NVIDIA_SMI: str(_fake_nvidia_smi(tmp_path, None)), "PATH": os.environ.get("PATH", "")}
     common = ["--project", str(REPO_ROOT), "--venv", str(venv)]
-    assert se.main([*common, "check"], env) == 1  # nothing recorded yet
-    assert se.main([*common, "start", "--env-file", str(tmp_path / "plan.env")], env) == 0
+    assert main([*common, "check"], env) == 1  # nothing recorded yet
+    assert main([*common, "start", "--env-file", str(tmp_path / "plan.env")], env) == 0
     out = capsys.readouterr().out
     assert "No NVIDIA GPU was found" in out and "couldn't communicate" in out
     lines = (tmp_path / "plan.env").read_text().splitlines()
     assert "TORCH_TAG=cpu" in lines and "TORCH_ACTION=keep" in lines  # this venv's torch 2.13.0+cpu fits
-    assert se.main([*common, "check"], env) == 1  # started, not completed
-    assert se.main([*common, "mark"], env) == 0
-    assert se.main([*common, "check"], env) == 0
+    assert main([*common, "check"], env) == 1  # started, not completed
+    assert main([*common, "mark"], env) == 0
+    assert main([*common, "check"], env) == 0
     assert "Set-up is complete" in capsys.readouterr().out
 
-    env[se.ENV_NVIDIA_SMI] = str(_fake_nvidia_smi(tmp_path, "rtx4090-560-linux"))  # a driver got installed
-    assert se.main([*common, "check"], env) == 1
+    env[ENV_NVIDIA_SMI] = str(_fake_nvidia_smi(tmp_path, "rtx4090-560-linux"))  # a driver got installed
+    assert main([*common, "check"], env) == 1
     assert "cpu -> cu126" in capsys.readouterr().out
-    assert se.main([*common, "start"], env) == 0  # and a new set-up forgets the old marker first
-    assert not (venv / se.MARKER_NAME).exists()
+    assert main([*common, "start"], env) == 0  # and a new set-up forgets the old marker first
+    assert not (venv / MARKER_NAME).exists()
 
-    env[se.ENV_NVIDIA_SMI] = str(_fake_nvidia_smi(tmp_path, "gtx1060-470-linux"))
-    assert se.main([*common, "start"], env) == se.EXIT_BLOCKED
+    env[ENV_NVIDIA_SMI] = str(_fake_nvidia_smi(tmp_path, "gtx1060-470-linux"))
+    assert main([*common, "start"], env) == EXIT_BLOCKED
     assert "minimum driver is 520.61.05" in capsys.readouterr().out
-    log = (venv / se.LOG_NAME).read_text()
+    log = (venv / LOG_NAME).read_text()
     assert "set-up started" in log and "set-up completed" in log and "set-up needed" in log
 
 
 def test_plan_json_cli(capsys):
-    env = {se.ENV_NVIDIA_SMI: str(DATA / "does-not-exist"), "PATH": ""}
-    assert se.main(["plan", "--json"], env) == 0
+    env = {ENV_NVIDIA_SMI: str(DATA / "does-not-exist"), "PATH": ""}
+    assert main(["plan", "--json"], env) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["torch"]["tag"] == "cpu" and plan["gpus"] == []
     assert [k["name"] for k in plan["kernels"]][-1] == "sageattention"
+
+
+def test_setup_env_py_runs_the_package_beside_it(tmp_path):
+    """The shell scripts run the file, from any folder and without PYTHONPATH: it finds `setup` beside it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env[ENV_NVIDIA_SMI] = str(DATA / "does-not-exist")
+    proc = subprocess.run(
+        [sys.executable, str(INSTALLERS / "setup_env.py"), "plan", "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["torch"]["tag"] == "cpu"
 
 
 # -------------------------------------------------------------------------------------- Python and venv
 
 
 def test_python_problems():
-    assert se.python_problems((3, 12, 4), 64, "/usr/bin/python3", "linux") == ([], [])
-    errors, _ = se.python_problems((3, 9, 18), 64, "python", "linux")
+    assert python_problems((3, 12, 4), 64, "/usr/bin/python3", "linux") == ([], [])
+    errors, _ = python_problems((3, 9, 18), 64, "python", "linux")
     assert "too old" in errors[0] and "3.10 to 3.14" in errors[0]
-    errors, _ = se.python_problems((3, 15, 0), 64, "python", "windows")
+    errors, _ = python_problems((3, 15, 0), 64, "python", "windows")
     assert "newer than PyTorch's builds support" in errors[0] and "WAN_LOCAL_PYTHON" in errors[0]
-    errors, _ = se.python_problems((3, 12, 4), 32, "python", "windows")
+    errors, _ = python_problems((3, 12, 4), 32, "python", "windows")
     assert "32-bit" in errors[0]
     store = r"C:\Users\a\AppData\Local\Microsoft\WindowsApps\python.exe"
-    assert "Microsoft Store" in se.python_problems((3, 12, 4), 64, store, "windows")[1][0]
+    assert "Microsoft Store" in python_problems((3, 12, 4), 64, store, "windows")[1][0]
 
 
 def test_long_windows_paths_are_flagged():
     short = Path(r"C:\wan-local")
     deep = Path("C:\\Users\\someone\\Downloads\\wan-local-main (1)\\wan-local-main\\projects\\video")
-    assert se.path_length_warning(short, long_paths=False) is None
-    assert "260-character" in se.path_length_warning(deep, long_paths=False)
-    assert se.path_length_warning(deep, long_paths=True) is None
+    assert path_length_warning(short, long_paths=False) is None
+    assert "260-character" in path_length_warning(deep, long_paths=False)
+    assert path_length_warning(deep, long_paths=True) is None
 
 
 @pytest.mark.slow
@@ -527,17 +541,17 @@ def test_ensure_venv_repairs_a_broken_venv(tmp_path):
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").write_text("not a python")  # e.g. what a half-finished creation left
-    platform = se.current_platform()
-    assert se.ensure_venv(venv, platform).startswith("created")
-    python = se.venv_python(venv, platform)
+    platform = current_platform()
+    assert ensure_venv(venv, platform).startswith("created")
+    python = venv_python(venv, platform)
     assert subprocess.run([str(python), "-m", "pip", "--version"], capture_output=True, check=False).returncode == 0
-    assert se.ensure_venv(venv, platform).startswith("using")
+    assert ensure_venv(venv, platform).startswith("using")
 
     # An interrupted pip upgrade leaves a venv without pip: pip comes back, the installed packages stay.
     subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "pip"], capture_output=True, check=True)
     keep = venv / "kept.txt"
     keep.write_text("torch would be here")
-    assert se.ensure_venv(venv, platform).startswith("restored pip")
+    assert ensure_venv(venv, platform).startswith("restored pip")
     assert keep.exists()
 
 
@@ -664,9 +678,9 @@ def test_run_sh_sets_up_a_fresh_copy_then_only_launches(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
     env.update(
         {
-            se.ENV_TORCH_SPEC: "torch==2.13.0",  # the local CPU wheel: seconds, not a multi-GB CUDA download
-            se.ENV_TORCH_INDEX: "default",
-            se.ENV_NVIDIA_SMI: str(_fake_nvidia_smi(tmp_path, None)),  # "NVIDIA-SMI has failed": no GPU
+            ENV_TORCH_SPEC: "torch==2.13.0",  # the local CPU wheel: seconds, not a multi-GB CUDA download
+            ENV_TORCH_INDEX: "default",
+            ENV_NVIDIA_SMI: str(_fake_nvidia_smi(tmp_path, None)),  # "NVIDIA-SMI has failed": no GPU
             "WAN_LOCAL_PYTHON": sys.executable,
             "PIP_DISABLE_PIP_VERSION_CHECK": "1",
         }
@@ -685,10 +699,10 @@ def test_run_sh_sets_up_a_fresh_copy_then_only_launches(tmp_path):
     ).stdout.split()
     assert probe[0] == "2.13.0+cpu"
     assert Path(probe[1]).resolve().is_relative_to(project.resolve())  # the copy's package, editable
-    marker = json.loads((project / ".venv" / se.MARKER_NAME).read_text())
+    marker = json.loads((project / ".venv" / MARKER_NAME).read_text())
     assert marker["completed"] and marker["torch"]["tag"] == "cpu"
     assert marker["torch"]["requirement"] == "torch==2.13.0" and marker["installed_torch"] == "2.13.0+cpu"
-    log = (project / ".venv" / se.LOG_NAME).read_text()
+    log = (project / ".venv" / LOG_NAME).read_text()
     assert "set-up started" in log and "CPU build: no NVIDIA GPU found." in log and "set-up completed" in log
     # The installed app really starts: it serves its page on 127.0.0.1 (no browser, no worker).
     port = _free_port()
@@ -727,4 +741,4 @@ def test_run_sh_sets_up_a_fresh_copy_then_only_launches(tmp_path):
         fh.write("\n# changed\n")
     third = _run(run_sh, "--no-launch", env=env, timeout=600)
     assert "pyproject.toml changed" in third.stdout and "keeping the installed build" in third.stdout
-    assert json.loads((project / ".venv" / se.MARKER_NAME).read_text())["completed"]
+    assert json.loads((project / ".venv" / MARKER_NAME).read_text())["completed"]

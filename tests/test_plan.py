@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from wan_local.errors import CheckpointError, InputError
 from wan_local.memory import plan as P
 from wan_local.memory.options import MemoryOptions
-from wan_local.memory.quant import is_quant_target
+from wan_local.memory.quant.numerics import is_quant_target
 from wan_local.models.dit import _MOD_CHUNK_TOKENS, _ROPE_CHUNK_TOKENS, DiTBlock, WanDiT
 from wan_local.specs import get_task
 from wan_local.weights.files import read_state_dict
@@ -46,7 +46,7 @@ def meta_models() -> dict[str, WanDiT]:
 
 
 def _expected_bytes(module: nn.Module, prefix: str, quant: str, scope: str) -> int:
-    """Bytes of `module`'s parameters counted from the module itself, quant.py deciding which Linears are 8-bit."""
+    """Bytes of `module`'s parameters counted from the module itself, memory/quant deciding which Linears are 8-bit."""
     total = 0
     for name, sub in module.named_modules():
         own = list(sub.named_parameters(recurse=False))

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 GIB = 1024**3
 MIB = 1024**2
 BF16_BYTES = 2
-#: quant.py stores one float32 scale per output row of a quantized Linear.
+#: memory/quant stores one float32 scale per output row of a quantized Linear.
 QUANT_SCALE_BYTES = 4
 #: Python + torch + CUDA runtime resident set, counted in every stage's RAM.
 PROCESS_RAM_BYTES = 2 * GIB
@@ -69,7 +69,7 @@ _OFFICIAL_DIMS: dict[str, dict[str, int]] = {
     "i2v": {"in_dim": 36, "out_dim": 16, "dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40},
     "ti2v": {"in_dim": 48, "out_dim": 48, "dim": 3072, "ffn_dim": 14336, "num_heads": 24, "num_layers": 30},
 }
-# The Linears quant.py quantizes, per scope (quant.is_quant_target).
+# The Linears memory/quant quantizes, per scope (quant.numerics.is_quant_target).
 _QUANT_LINEARS = {
     "all": {f"{a}.{p}" for a in ("self_attn", "cross_attn") for p in "qkvo"} | {"ffn.0", "ffn.2"},
     "ffn": {"ffn.0", "ffn.2"},

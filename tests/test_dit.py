@@ -435,20 +435,17 @@ def test_expert_slots_apply_the_plans_ffn_chunk(tiny, cases, golden):
     slots.release()
 
 
-def test_forward_under_autograd_takes_the_plain_path() -> None:
-    """With parameters needing grad and grad mode on, the block records the plain expressions: same values as the
-    lean inference path, and backward works (the lean path overwrites tensors autograd would save)."""
+def test_forward_refuses_autograd() -> None:
+    """The DiT is inference-only: where autograd would record (grad mode on and a parameter or an input needing
+    grad) it raises a clear error instead of writing in place into tensors backward would need."""
     model = _random_model(_tiny("ti2v"))  # fresh parameters require grad
     x, ctx = torch.randn(1, 4, 2, 4, 6), [torch.randn(5, 6)]
     t = per_token_timesteps(torch.ones(2, 4, 6).index_fill_(0, torch.tensor([0]), 0), 300)
-    _set_chunk(model, 5)
-    with torch.inference_mode():
-        lean = model(x, t, ctx)
-    _set_chunk(model, None)
-    with torch.inference_mode():
-        unchunked = model(x, t, ctx)
-    recorded = model(x, t, ctx)
-    assert recorded.requires_grad and torch.equal(recorded.detach(), unchunked)
-    assert rel_l2(lean, unchunked) <= FFN_CHUNK_TOL
-    recorded.square().mean().backward()
-    assert all(p.grad is not None for p in model.blocks.parameters())
+    with pytest.raises(RuntimeError, match="inference-only"):
+        model(x, t, ctx)
+    with torch.no_grad():
+        expected = model(x, t, ctx)
+    model.requires_grad_(False)
+    assert torch.equal(model(x, t, ctx), expected)  # grad mode on, nothing to record: the one forward
+    with pytest.raises(RuntimeError, match="inference-only"):
+        model(x.clone().requires_grad_(), t, ctx)

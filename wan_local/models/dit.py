@@ -22,6 +22,10 @@ outputs stay in the autocast dtype (the o projection would cast them back anyway
 residual adds are in place on the block's own residual tensor (never on its input). Results are bit-identical to
 the straightforward expression of the reference. `DiTBlock.ffn_chunk_tokens` optionally runs the FFN over token
 chunks to bound its [tokens, ffn_dim] hidden tensor.
+
+Inference only: those in-place writes would overwrite tensors autograd saves for backward, so a block or attention
+forward that autograd would record (grad mode on and a parameter or input needing grad) raises RuntimeError. Run
+it under `torch.inference_mode()` / `torch.no_grad()` or with frozen parameters (the loaders freeze them).
 """
 
 from __future__ import annotations
@@ -214,14 +218,16 @@ def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _records_autograd(module: nn.Module, *inputs: torch.Tensor) -> bool:
-    """Whether autograd would record `module`'s forward (grad mode on and an input or parameter needing grad).
-
-    The lean paths overwrite tensors that autograd saves for backward, so such calls take the plain path.
-    """
-    if not torch.is_grad_enabled():
-        return False
-    return any(t.requires_grad for t in inputs) or any(p.requires_grad for p in module.parameters())
+def _refuse_autograd(module: nn.Module, *inputs: torch.Tensor) -> None:
+    """Raise RuntimeError if autograd would record `module`'s forward (grad mode on and an input or parameter
+    needing grad): the blocks write in place into tensors autograd would have to save for backward."""
+    if torch.is_grad_enabled() and (
+        any(t.requires_grad for t in inputs) or any(p.requires_grad for p in module.parameters())
+    ):
+        raise RuntimeError(
+            f"{type(module).__name__} is inference-only (it computes in place): call it under torch.inference_mode() "
+            "or torch.no_grad(), or freeze its parameters with requires_grad_(False)"
+        )
 
 
 def _rows(t_index: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -317,8 +323,7 @@ class Attention(nn.Module):
         lives only until q is projected. Under autocast the attention output stays in the autocast dtype (the
         reference converts it to q's fp32 and the o projection casts it straight back: same values).
         """
-        if _records_autograd(self, x, source):
-            return self._forward_autograd(x if x_norm is None else x_norm(x), source, rope)
+        _refuse_autograd(self, x, source)
         n = self.num_heads
         q = self._project_heads(self.q, self.norm_q, x, x_norm)  # [B, Lq, N, D]
         if rope is not None:
@@ -330,16 +335,6 @@ class Attention(nn.Module):
         out = attention(q, k, v)
         del q, k, v
         return self.o(out.flatten(2))
-
-    def _forward_autograd(self, x: torch.Tensor, source: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
-        """`forward` written as the reference does, every temporary kept (the path autograd can record)."""
-        n = self.num_heads
-        q = self.norm_q(self.q(x)).unflatten(-1, (n, -1))
-        k = self.norm_k(self.k(source)).unflatten(-1, (n, -1))
-        v = self.v(source).unflatten(-1, (n, -1))
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        return self.o(attention(q, k, v).flatten(2))
 
     def _project_heads(
         self, linear: nn.Module, norm: RMSNorm, x: torch.Tensor, x_norm: nn.Module | None = None
@@ -416,8 +411,7 @@ class DiTBlock(nn.Module):
         of e0 for each sample/token; context: [B, text_len, C] embedded text; rope: [L, 1, D/2] from
         `rope_table`.
         """
-        if _records_autograd(self, x, e0, context):
-            return self._forward_autograd(x, e0, context, rope, t_index)
+        _refuse_autograd(self, x, e0, context)
         # Modulation maths is fp32 (fp32 e0 promotes bf16 params): six [U, C] tables, gathered to [B, 1 or L, C]
         # (`m[t_index]`) only where used and per token chunk, so per-token t never holds [B, L, 6, C] at once.
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation[0] + e0).unbind(1)
@@ -433,27 +427,6 @@ class DiTBlock(nn.Module):
         x += self.cross_attn(x, context, x_norm=self.norm3)
         self._ffn_(x, scale_ff, shift_ff, gate_ff, t_index)
         return x
-
-    def _forward_autograd(
-        self,
-        x: torch.Tensor,
-        e0: torch.Tensor,
-        context: torch.Tensor,
-        rope: torch.Tensor,
-        t_index: torch.Tensor,
-    ) -> torch.Tensor:
-        """`forward` written as the reference does, every temporary kept (the path autograd can record).
-
-        Same values as the lean path; it ignores `ffn_chunk_tokens`.
-        """
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (
-            m[t_index] for m in (self.modulation[0] + e0).unbind(1)
-        )  # [B, 1 or L, C] each
-        a = self.norm1(x).float() * (1 + scale_sa) + shift_sa
-        x = x + self.self_attn(a, a, rope) * gate_sa
-        x = x + self.cross_attn(self.norm3(x), context)
-        b = self.norm2(x).float() * (1 + scale_ff) + shift_ff
-        return x + self.ffn(b) * gate_ff
 
     def _ffn_(
         self,

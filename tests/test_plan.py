@@ -17,7 +17,9 @@ from wan_local.errors import CheckpointError, InputError
 from wan_local.memory import plan as P
 from wan_local.memory.options import MemoryOptions
 from wan_local.memory.quant.numerics import is_quant_target
-from wan_local.models.dit import _MOD_CHUNK_TOKENS, _ROPE_CHUNK_TOKENS, DiTBlock, WanDiT
+from wan_local.models.dit import DiTBlock, WanDiT
+from wan_local.models.rope import ROPE_CHUNK_TOKENS
+from wan_local.models.timesteps import MOD_CHUNK_TOKENS
 from wan_local.specs import get_task
 from wan_local.weights.files import read_state_dict
 from wan_local.weights.loading import read_dit
@@ -254,8 +256,8 @@ def test_ffn_chunking_bounds_the_ffn_phase():
     )
     assert P.activation_terms(cfg, tokens, 10**6) == P.activation_terms(cfg, tokens, 10**6)
     assert P.activation_bytes(cfg, tokens, 10**6) == full.peak_bytes  # a chunk larger than L changes nothing
-    assert P.ROPE_CHUNK_TOKENS == _ROPE_CHUNK_TOKENS
-    assert P.MOD_CHUNK_TOKENS == _MOD_CHUNK_TOKENS
+    assert P.ROPE_CHUNK_TOKENS == ROPE_CHUNK_TOKENS
+    assert P.MOD_CHUNK_TOKENS == MOD_CHUNK_TOKENS
 
 
 def test_vae_and_text_encoder_constants_match_the_models():

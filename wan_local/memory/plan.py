@@ -54,9 +54,9 @@ TEXT_ENCODER_PARAMS = 5_680_910_336
 TEXT_ENCODER_WORK_BYTES = 256 * MIB
 #: float32 VAE parameters (fact sheet §3.1), encoder and decoder: the whole VAE moves to the GPU.
 VAE_PARAMS = {"wan2.1": 126_892_531, "wan2.2": 704_688_668}
-#: dit.apply_rope processes this many tokens at a time (its float64 temporaries scale with it).
+#: models.rope.apply_rope_ processes this many tokens at a time (its float64 temporaries scale with it).
 ROPE_CHUNK_TOKENS = 8192
-#: dit gathers per-token (TI2V) modulation rows for this many tokens at a time.
+#: models.timesteps gathers per-token (TI2V) modulation rows for this many tokens at a time.
 MOD_CHUNK_TOKENS = 4096
 #: Token chunks tried for the FFN when activations do not fit, largest first.
 FFN_CHUNK_CANDIDATES = (16384, 8192, 4096, 2048, 1024)

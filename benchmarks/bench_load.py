@@ -257,7 +257,8 @@ def run_case(case: dict) -> dict:
     file on a cache hit), extra_files (also dropped / warmed: the shards on a cache hit, whose headers are read),
     folder, dtype, device, cache (folder), cold.
     """
-    from wan_local.memory.quant import QuantCache, load_quantized_dit
+    from wan_local.memory.quant.cache import QuantCache
+    from wan_local.memory.quant.formats import load_quantized_dit
     from wan_local.models.dit import DiTConfig, WanDiT
     from wan_local.weights.loading import load_dit
 

@@ -25,7 +25,7 @@ import torch
 from common import rel_l2
 from torch import nn
 
-from wan_local.memory.quant import QuantLinear
+from wan_local.memory.quant.numerics import QuantLinear
 
 log = logging.getLogger("bench_quant")
 RESULTS = Path(__file__).resolve().parent / "results"

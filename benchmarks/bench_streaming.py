@@ -35,7 +35,8 @@ from common import rss
 from torch import nn
 
 from wan_local.memory.streaming import BlockStreamer, block_nbytes, move_unstreamed
-from wan_local.models.dit import DiTBlock, DiTConfig, WanDiT, rope_table
+from wan_local.models.dit import DiTBlock, DiTConfig, WanDiT
+from wan_local.models.rope import rope_table
 
 REPO = Path(__file__).resolve().parents[1]
 GB = 1e9

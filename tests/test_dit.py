@@ -12,8 +12,12 @@ from safetensors.torch import load_file
 
 from wan_local.errors import InputError
 from wan_local.models import dit as dit_module
+from wan_local.models import rope as rope_module
+from wan_local.models import timesteps as timesteps_module
 from wan_local.models.attention import attention
-from wan_local.models.dit import DiTConfig, WanDiT, per_token_timesteps
+from wan_local.models.dit import DiTConfig, WanDiT
+from wan_local.models.rope import apply_rope, rope_table
+from wan_local.models.timesteps import per_token_timesteps
 
 GOLDEN_TOL = 1e-5
 
@@ -79,7 +83,7 @@ def test_broadcast_time_embedding_equals_per_token(monkeypatch: pytest.MonkeyPat
     with torch.inference_mode():
         broadcast = model(x, t_sample, context)
         # Force the per-token gather path even though every token of a sample has the same timestep.
-        monkeypatch.setattr(dit_module, "_shared_timestep", lambda t: None)
+        monkeypatch.setattr(dit_module, "shared_timestep", lambda t: None)
         per_token = model(x, t_sample[:, None].expand(2, num_tokens), context)
     assert rel_l2(per_token, broadcast) <= 1e-6
 
@@ -103,7 +107,7 @@ def test_rope_chunking_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     x, t, ctx = torch.randn(1, 4, 2, 4, 6), torch.tensor([400]), [torch.randn(3, 6)]
     with torch.inference_mode():
         whole = model(x, t, ctx)
-        monkeypatch.setattr(dit_module, "_ROPE_CHUNK_TOKENS", 5)  # 12 tokens -> chunks of 5, 5, 2
+        monkeypatch.setattr(rope_module, "ROPE_CHUNK_TOKENS", 5)  # 12 tokens -> chunks of 5, 5, 2
         chunked = model(x, t, ctx)
     assert torch.equal(whole, chunked)
 
@@ -111,7 +115,7 @@ def test_rope_chunking_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_rope_table_split_for_head_dim_128() -> None:
     """Real head dim: 64 complex slots split 22/21/21 over (frame, height, width), base 10000, float64."""
     grid = (2, 3, 4)
-    table = dit_module.rope_table(grid, 128, "cpu").view(*grid, 64)
+    table = rope_table(grid, 128, "cpu").view(*grid, 64)
     assert table.dtype == torch.complex128
     f, h, w = 1, 2, 3
     angles = torch.angle(table[f, h, w])
@@ -286,7 +290,7 @@ def _reference_block_forward(block, x, e0, context, rope, t_index):
         k = rms(module.norm_k, module.k(source)).unflatten(-1, (n, -1))
         v = module.v(source).unflatten(-1, (n, -1))
         if rope is not None:
-            q, k = dit_module.apply_rope(q, rope), dit_module.apply_rope(k, rope)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         return module.o(attention(q, k, v).flatten(2))
 
     m = [u[t_index] for u in (block.modulation[0] + e0).unbind(1)]  # [B, 1 or L, C] each
@@ -310,8 +314,8 @@ def test_lean_block_is_bit_identical_to_the_reference_expressions(name, tiny, ca
     g = golden(name)
     model = _load_official_dit(tiny / cases[name]["checkpoint"])
     g2 = dict(g, x=g["x"].flip(-1), context=g["context"][:3])  # a second, different sample
-    monkeypatch.setattr(dit_module, "_ROPE_CHUNK_TOKENS", 5)  # several RoPE chunks, one partial
-    monkeypatch.setattr(dit_module, "_MOD_CHUNK_TOKENS", 5)  # several per-token modulation chunks
+    monkeypatch.setattr(rope_module, "ROPE_CHUNK_TOKENS", 5)  # several RoPE chunks, one partial
+    monkeypatch.setattr(timesteps_module, "MOD_CHUNK_TOKENS", 5)  # several per-token modulation chunks
     for weights in (torch.float32, torch.bfloat16):
         model = model.to(weights)
         for autocast in (False, True) if weights == torch.float32 else (True,):
@@ -334,7 +338,7 @@ def test_block_leaves_its_input_alone() -> None:
     """The block's residual adds are in place on its own tensor, never on the caller's x (bf16 or fp32)."""
     cfg = _tiny()
     block = _random_model(cfg).blocks[0]
-    rope = dit_module.rope_table((1, 2, 3), cfg.head_dim, "cpu")
+    rope = rope_table((1, 2, 3), cfg.head_dim, "cpu")
     e0, ctx, t_index = torch.randn(1, 6, cfg.dim), torch.randn(1, cfg.text_len, cfg.dim), torch.zeros(1, 1).long()
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(1, 6, cfg.dim).to(dtype)
@@ -383,10 +387,10 @@ def test_ffn_chunking_matches_unchunked(name, tiny, cases, golden, monkeypatch):
         # bf16 autocast: the same bound on top of bf16 rounding (measured bit-identical here)
         assert rel_l2(_golden_run(model, g, autocast=True), whole_bf16) <= FFN_CHUNK_TOL, chunk
     # Per-token modulation gathered in chunks that straddle the FFN chunks and the t = 0 / t = 500 edge.
-    monkeypatch.setattr(dit_module, "_MOD_CHUNK_TOKENS", 4)
+    monkeypatch.setattr(timesteps_module, "MOD_CHUNK_TOKENS", 4)
     _set_chunk(model, 5)
     reference = _golden_run(model, g, autocast=False)
-    monkeypatch.setattr(dit_module, "_MOD_CHUNK_TOKENS", 3)
+    monkeypatch.setattr(timesteps_module, "MOD_CHUNK_TOKENS", 3)
     assert torch.equal(_golden_run(model, g, autocast=False), reference)
 
 
@@ -435,20 +439,17 @@ def test_expert_slots_apply_the_plans_ffn_chunk(tiny, cases, golden):
     slots.release()
 
 
-def test_forward_under_autograd_takes_the_plain_path() -> None:
-    """With parameters needing grad and grad mode on, the block records the plain expressions: same values as the
-    lean inference path, and backward works (the lean path overwrites tensors autograd would save)."""
+def test_forward_refuses_autograd() -> None:
+    """The DiT is inference-only: where autograd would record (grad mode on and a parameter or an input needing
+    grad) it raises a clear error instead of writing in place into tensors backward would need."""
     model = _random_model(_tiny("ti2v"))  # fresh parameters require grad
     x, ctx = torch.randn(1, 4, 2, 4, 6), [torch.randn(5, 6)]
     t = per_token_timesteps(torch.ones(2, 4, 6).index_fill_(0, torch.tensor([0]), 0), 300)
-    _set_chunk(model, 5)
-    with torch.inference_mode():
-        lean = model(x, t, ctx)
-    _set_chunk(model, None)
-    with torch.inference_mode():
-        unchunked = model(x, t, ctx)
-    recorded = model(x, t, ctx)
-    assert recorded.requires_grad and torch.equal(recorded.detach(), unchunked)
-    assert rel_l2(lean, unchunked) <= FFN_CHUNK_TOL
-    recorded.square().mean().backward()
-    assert all(p.grad is not None for p in model.blocks.parameters())
+    with pytest.raises(RuntimeError, match="inference-only"):
+        model(x, t, ctx)
+    with torch.no_grad():
+        expected = model(x, t, ctx)
+    model.requires_grad_(False)
+    assert torch.equal(model(x, t, ctx), expected)  # grad mode on, nothing to record: the one forward
+    with pytest.raises(RuntimeError, match="inference-only"):
+        model(x.clone().requires_grad_(), t, ctx)

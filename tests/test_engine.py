@@ -189,7 +189,7 @@ def _real_shape_checkpoint(task: str, linear_dtype: str, other_dtype: str):
 
     from wan_local.engine.resolve import CheckpointInfo
     from wan_local.memory.bytes import TEXT_ENCODER_PARAMS, VAE_PARAMS, official_dit_config
-    from wan_local.memory.quant import is_quant_target
+    from wan_local.memory.quant.numerics import is_quant_target
     from wan_local.models.dit import WanDiT
     from wan_local.specs import get_task
     from wan_local.weights.layout import CheckpointSet

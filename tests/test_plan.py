@@ -18,8 +18,10 @@ from wan_local.errors import CheckpointError, InputError
 from wan_local.memory import bytes as B
 from wan_local.memory import plan as P
 from wan_local.memory.options import MemoryOptions
-from wan_local.memory.quant import is_quant_target
-from wan_local.models.dit import _MOD_CHUNK_TOKENS, _ROPE_CHUNK_TOKENS, DiTBlock, WanDiT
+from wan_local.memory.quant.numerics import is_quant_target
+from wan_local.models.dit import DiTBlock, WanDiT
+from wan_local.models.rope import ROPE_CHUNK_TOKENS
+from wan_local.models.timesteps import MOD_CHUNK_TOKENS
 from wan_local.specs import get_task
 from wan_local.weights import headers as H
 from wan_local.weights.files import read_state_dict
@@ -49,7 +51,7 @@ def meta_models() -> dict[str, WanDiT]:
 
 
 def _expected_bytes(module: nn.Module, prefix: str, quant: str, scope: str) -> int:
-    """Bytes of `module`'s parameters counted from the module itself, quant.py deciding which Linears are 8-bit."""
+    """Bytes of `module`'s parameters counted from the module itself, memory/quant deciding which Linears are 8-bit."""
     total = 0
     for name, sub in module.named_modules():
         own = list(sub.named_parameters(recurse=False))
@@ -296,8 +298,8 @@ def test_ffn_chunking_bounds_the_ffn_phase():
     )
     assert B.activation_terms(cfg, tokens, 10**6) == B.activation_terms(cfg, tokens, 10**6)
     assert B.activation_bytes(cfg, tokens, 10**6) == full.peak_bytes  # a chunk larger than L changes nothing
-    assert B.ROPE_CHUNK_TOKENS == _ROPE_CHUNK_TOKENS
-    assert B.MOD_CHUNK_TOKENS == _MOD_CHUNK_TOKENS
+    assert B.ROPE_CHUNK_TOKENS == ROPE_CHUNK_TOKENS
+    assert B.MOD_CHUNK_TOKENS == MOD_CHUNK_TOKENS
 
 
 def test_vae_and_text_encoder_constants_match_the_models():

@@ -15,19 +15,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from wan_local.errors import CheckpointError, InputError
-from wan_local.memory import quant
-from wan_local.memory.quant import (
-    QuantCache,
+from wan_local.memory.quant import formats
+from wan_local.memory.quant.cache import QuantCache, write_safetensors
+from wan_local.memory.quant.formats import build_quantized_dit, load_quantized_dit, quantize_dit, quantized_state_dict
+from wan_local.memory.quant.numerics import (
+    STORAGE_DTYPE,
     QuantLinear,
-    build_quantized_dit,
     dequantize,
     is_quant_target,
-    load_quantized_dit,
-    quantize_dit,
     quantize_weight,
-    quantized_state_dict,
     scaled_mm_linear,
-    write_safetensors,
 )
 from wan_local.models.dit import DiTConfig, WanDiT
 from wan_local.weights.loading import load_dit, read_dit
@@ -67,7 +64,7 @@ def test_error_vs_fp32_model(mode: str, scope: str, t2v) -> None:
     quantized = quantize_dit(copy.deepcopy(model), mode, scope)
     names = _quant_names(quantized)
     assert len(names) == model.cfg.num_layers * LINEARS_PER_BLOCK[scope]
-    storage = quant.STORAGE_DTYPE[mode]
+    storage = STORAGE_DTYPE[mode]
     assert all(quantized.get_submodule(n).weight.dtype == storage for n in names)
     err = rel_l2(_run(quantized, g), reference)
     print(f"{mode}/{scope}: rel_l2 vs fp32 = {err:.3e}")
@@ -426,7 +423,7 @@ def test_load_quantized_dit_uses_cache(tmp_path: Path, t2v, monkeypatch: pytest.
     def fail(*args, **kwargs):
         raise AssertionError("quantized again despite the cache")
 
-    monkeypatch.setattr(quant, "quantized_state_dict", fail)
+    monkeypatch.setattr(formats, "quantized_state_dict", fail)
     second = load_quantized_dit(path, "int8", "ffn", torch.float32, cache=cache)
     assert torch.equal(_run(first, g), _run(second, g))
     assert _quant_names(second) == {f"blocks.{i}.ffn.{j}" for i in range(2) for j in (0, 2)}
@@ -456,12 +453,10 @@ def test_errors(t2v) -> None:
 
 def test_cache_hit_does_not_open_the_source_weights(tiny, tmp_path, monkeypatch):
     """The second start builds the model from the cache alone: reading the source shards would cost a full read."""
-    from wan_local.memory import quant as Q
-
     folder = tiny / "t2v-A14B" / "high_noise_model"
-    cache = Q.QuantCache(tmp_path / "cache")
-    first = Q.load_quantized_dit(folder, "int8", "all", torch.float32, cache=cache)
-    monkeypatch.setattr(Q, "read_dit", lambda *a, **k: pytest.fail("the source weights were read on a cache hit"))
-    second = Q.load_quantized_dit(folder, "int8", "all", torch.float32, cache=cache, expected_model_type="t2v")
+    cache = QuantCache(tmp_path / "cache")
+    first = load_quantized_dit(folder, "int8", "all", torch.float32, cache=cache)
+    monkeypatch.setattr(formats, "read_dit", lambda *a, **k: pytest.fail("the source weights were read on a cache hit"))
+    second = load_quantized_dit(folder, "int8", "all", torch.float32, cache=cache, expected_model_type="t2v")
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
         assert torch.equal(a, b), name

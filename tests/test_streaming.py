@@ -208,8 +208,8 @@ def test_quantized_blocks_stream_exactly(depth: int) -> None:
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_quant_module_dit_streams_exactly(mode: str) -> None:
     """The project's QuantLinear (int8/fp8 weight + fp32 scale parameters) streams like any other block."""
-    quant = pytest.importorskip("wan_local.memory.quant")
-    model = quant.quantize_dit(_random_dit(num_layers=4, dim=64, ffn_dim=128, num_heads=2), mode)
+    formats = pytest.importorskip("wan_local.memory.quant.formats")
+    model = formats.quantize_dit(_random_dit(num_layers=4, dim=64, ffn_dim=128, num_heads=2), mode)
     assert any(p.element_size() == 1 for p in model.blocks[0].parameters())
     x, t, ctx = torch.randn(1, 4, 2, 4, 6), torch.tensor([500]), [torch.randn(3, 6)]
     with torch.inference_mode():

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # torch is imported only where a model config is built, so `w
 GIB = 1024**3
 MIB = 1024**2
 BF16_BYTES = 2
-#: quant.py stores one float32 scale per output row of a quantized Linear.
+#: memory/quant stores one float32 scale per output row of a quantized Linear.
 QUANT_SCALE_BYTES = 4
 #: Python + torch + CUDA runtime resident set, counted in every stage's RAM.
 #: UMT5-XXL encoder parameters (fact sheet §3.1: models_t5_umt5-xxl-enc-bf16.pth), stored and run in bf16.
@@ -31,9 +31,9 @@ TEXT_ENCODER_PARAMS = 5_680_910_336
 TEXT_ENCODER_WORK_BYTES = 256 * MIB
 #: float32 VAE parameters (fact sheet §3.1), encoder and decoder: the whole VAE moves to the GPU.
 VAE_PARAMS = {"wan2.1": 126_892_531, "wan2.2": 704_688_668}
-#: dit.apply_rope processes this many tokens at a time (its float64 temporaries scale with it).
+#: models.rope.apply_rope_ processes this many tokens at a time (its float64 temporaries scale with it).
 ROPE_CHUNK_TOKENS = 8192
-#: dit gathers per-token (TI2V) modulation rows for this many tokens at a time.
+#: models.timesteps gathers per-token (TI2V) modulation rows for this many tokens at a time.
 MOD_CHUNK_TOKENS = 4096
 #: Token chunks tried for the FFN when activations do not fit, largest first.
 
@@ -43,7 +43,7 @@ _OFFICIAL_DIMS: dict[str, dict[str, int]] = {
     "i2v": {"in_dim": 36, "out_dim": 16, "dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40},
     "ti2v": {"in_dim": 48, "out_dim": 48, "dim": 3072, "ffn_dim": 14336, "num_heads": 24, "num_layers": 30},
 }
-# The Linears quant.py quantizes, per scope (quant.is_quant_target).
+# The Linears memory/quant quantizes, per scope (quant.numerics.is_quant_target).
 _QUANT_LINEARS = {
     "all": {f"{a}.{p}" for a in ("self_attn", "cross_attn") for p in "qkvo"} | {"ffn.0", "ffn.2"},
     "ffn": {"ffn.0", "ffn.2"},

@@ -37,7 +37,7 @@ def is_prequantized(path: Path) -> bool:
     path = Path(path)
     if not (path.is_file() and path.suffix == ".safetensors"):
         return False
-    from wan_local.memory.quant import is_quanto_checkpoint
+    from wan_local.memory.quant.formats import is_quanto_checkpoint
 
     sd = read_safetensors(path)  # memory-mapped: only the header is read here
     return fp8.is_fp8_checkpoint(sd) or is_quanto_checkpoint(sd)
@@ -99,7 +99,8 @@ class ExpertSlots:
         path = self._paths[expert]
         quant = self._memory.quant
         if quant != "none" or is_prequantized(path):
-            from wan_local.memory.quant import QuantCache, load_quantized_dit
+            from wan_local.memory.quant.cache import QuantCache
+            from wan_local.memory.quant.formats import load_quantized_dit
 
             cache = QuantCache(self._quant_cache_dir) if self._quant_cache_dir is not None else None
             model = load_quantized_dit(

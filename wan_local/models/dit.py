@@ -10,10 +10,11 @@ modulation maths is fp32; RMSNorm normalises in fp32, casts back, then multiplie
 float64 -> fp32. Without autocast (CPU tests) everything is plain fp32.
 
 Time conditioning is kept as a table with one row per distinct timestep ([U, C] / [U, 6, C], fp32) plus an
-index tensor [B, 1] (one timestep per sample) or [B, L] (TI2V image-to-video), gathered where it is used. The
-reference materialises [B, L, 6, C] in fp32 instead (9 GB at 720p for the 14B); the values are the same.
+index tensor [B, 1] (one timestep per sample) or [B, L] (TI2V image-to-video), gathered where it is used
+(`models.timesteps`). The reference materialises [B, L, 6, C] in fp32 instead (9 GB at 720p for the 14B); the
+values are the same. RoPE is `models.rope`.
 
-Activation memory (what wan_local.memory.plan.activation_terms models): a block frees every temporary as soon as it
+Activation memory (what wan_local.memory.bytes.activation_terms models): a block frees every temporary as soon as it
 is dead and keeps at most one fp32 copy of a [B, L, C] projection alive. The modulated inputs are cast once to the
 autocast dtype (exactly the cast the Linears would do), RMSNorm takes its statistics from a squared copy freed before
 the normalised copy is made, RoPE rotates q and k in place (float64 maths per token chunk, written back through
@@ -22,6 +23,10 @@ outputs stay in the autocast dtype (the o projection would cast them back anyway
 residual adds are in place on the block's own residual tensor (never on its input). Results are bit-identical to
 the straightforward expression of the reference. `DiTBlock.ffn_chunk_tokens` optionally runs the FFN over token
 chunks to bound its [tokens, ffn_dim] hidden tensor.
+
+Inference only: those in-place writes would overwrite tensors autograd saves for backward, so a block or attention
+forward that autograd would record (grad mode on and a parameter or input needing grad) raises RuntimeError. Run
+it under `torch.inference_mode()` / `torch.no_grad()` or with frozen parameters (the loaders freeze them).
 """
 
 from __future__ import annotations
@@ -36,11 +41,17 @@ from torch import nn
 
 from wan_local.errors import InputError
 from wan_local.models.attention import attention
+from wan_local.models.rope import apply_rope, apply_rope_, rope_table
+from wan_local.models.timesteps import (
+    add_gated_,
+    gated_residual,
+    modulate_,
+    shared_timestep,
+    sinusoidal_embedding,
+    token_rows,
+)
 
 MODEL_TYPES = ("t2v", "i2v", "ti2v")
-_ROPE_THETA = 10000.0
-_ROPE_CHUNK_TOKENS = 8192  # bounds the float64 RoPE temporaries (a 14B q at 720p is 3 GB in float64)
-_MOD_CHUNK_TOKENS = 4096  # per-token (TI2V) modulation: tokens per gathered [B, n, C] fp32 slice of a table
 
 
 @dataclass(frozen=True)
@@ -99,90 +110,7 @@ class DiTConfig:
         return self.dim // self.num_heads
 
 
-# ---------------------------------------------------------------------------------------- position/time maths
-
-
-def rope_table(grid: tuple[int, int, int], head_dim: int, device: torch.device | str) -> torch.Tensor:
-    """3D RoPE multipliers for a patch grid (F', H', W'): complex128 [L, 1, head_dim / 2], token order f,h,w.
-
-    The c = head_dim/2 complex slots (adjacent real pairs) are split c - 2·(c//3), c//3, c//3 over frame,
-    height, width (22/21/21 for D = 128); an axis with 2·p real dims uses ω_j = 1 / 10000^(2j / (2p)), and
-    positions start at 0.
-    """
-    c = head_dim // 2
-    pairs = (c - 2 * (c // 3), c // 3, c // 3)
-    parts = []
-    for axis, (size, p) in enumerate(zip(grid, pairs, strict=True)):
-        omega = 1.0 / _ROPE_THETA ** (torch.arange(0, 2 * p, 2, dtype=torch.float64, device=device) / (2 * p))
-        angles = torch.outer(torch.arange(size, dtype=torch.float64, device=device), omega)  # [size, p]
-        shape = [1, 1, 1, p]
-        shape[axis] = size
-        parts.append(torch.polar(torch.ones_like(angles), angles).view(shape).expand(*grid, p))
-    return torch.cat(parts, dim=-1).reshape(-1, 1, c)
-
-
-def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, L, N, D] by `rope_table` output [L, 1, D/2]; float64 maths, float32 result.
-
-    Processed in token chunks so the float64 copies stay small; elementwise, so chunking changes no bits.
-    """
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    for s in range(0, x.shape[1], _ROPE_CHUNK_TOKENS):
-        e = s + _ROPE_CHUNK_TOKENS
-        xc = torch.view_as_complex(x[:, s:e].to(torch.float64).unflatten(-1, (-1, 2)))  # [B, l, N, D/2]
-        out[:, s:e] = torch.view_as_real(xc * rope[s:e]).flatten(-2)
-    return out
-
-
-def _apply_rope_(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """`apply_rope` written back into x [B, L, N, D] (float32, or the autocast dtype the attention casts to).
-
-    Each token chunk is copied to float64, rotated in place, rounded to float32 (the reference's RoPE output) and
-    then, for a half-precision x, to x's dtype: the same two roundings as apply_rope followed by the attention's
-    cast. Only one chunk's float64 copy (and its float32 rounding) exists at a time.
-    """
-    for s in range(0, x.shape[1], _ROPE_CHUNK_TOKENS):
-        e = s + _ROPE_CHUNK_TOKENS
-        xc = torch.view_as_complex(x[:, s:e].to(torch.float64).unflatten(-1, (-1, 2)))  # [B, l, N, D/2]
-        xc.mul_(rope[s:e])
-        rotated = torch.view_as_real(xc).flatten(-2)
-        del xc
-        x[:, s:e] = rotated if x.dtype == torch.float32 else rotated.to(torch.float32)
-        del rotated
-    return x
-
-
-def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Timestep embedding [U] -> [U, dim] float64: [cos(t·ω_k), sin(t·ω_k)], ω_k = 10000^(-k / (dim/2))."""
-    half = dim // 2
-    omega = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device).div(half))
-    angles = torch.outer(t.to(torch.float64), omega)
-    return torch.cat([angles.cos(), angles.sin()], dim=1)
-
-
-def per_token_timesteps(
-    mask_latent: torch.Tensor, t: torch.Tensor | float, patch_size: tuple[int, int, int] = (1, 2, 2)
-) -> torch.Tensor:
-    """TI2V per-token timesteps [1, L] float32 from a latent mask [C, T, H, W] (channel 0 used) or [T, H, W].
-
-    One mask value per patch (the patch's first element, token order f, h, w), times the timestep t: tokens
-    whose mask is 0 (the conditioning frame) get timestep 0.
-    """
-    mask = mask_latent[0] if mask_latent.dim() == 4 else mask_latent
-    if mask.dim() != 3:
-        raise InputError(f"mask_latent shape {tuple(mask_latent.shape)}: expected [C, T, H, W] or [T, H, W]")
-    if any(n % p for n, p in zip(mask.shape, patch_size, strict=True)):
-        raise InputError(f"mask_latent grid {tuple(mask.shape)} is not divisible by patch size {patch_size}")
-    pt, ph, pw = patch_size
-    t = torch.as_tensor(t, dtype=torch.float32, device=mask.device)
-    return (mask[::pt, ::ph, ::pw].float() * t).flatten().unsqueeze(0)
-
-
-def _shared_timestep(t: torch.Tensor) -> torch.Tensor | None:
-    """t as [B] if every token of each sample has the same timestep (t is [B] or [B, L]), else None."""
-    if t.dim() == 1:
-        return t
-    return t[:, 0] if bool((t == t[:, :1]).all()) else None
+# ------------------------------------------------------------------------------ dtype regions, inference only
 
 
 def _fp32_region(device_type: str) -> contextlib.AbstractContextManager:
@@ -214,59 +142,16 @@ def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _records_autograd(module: nn.Module, *inputs: torch.Tensor) -> bool:
-    """Whether autograd would record `module`'s forward (grad mode on and an input or parameter needing grad).
-
-    The lean paths overwrite tensors that autograd saves for backward, so such calls take the plain path.
-    """
-    if not torch.is_grad_enabled():
-        return False
-    return any(t.requires_grad for t in inputs) or any(p.requires_grad for p in module.parameters())
-
-
-def _rows(t_index: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """t_index [B, 1] (one timestep per sample) or its tokens start:end of [B, L] (per-token timesteps)."""
-    return t_index if t_index.shape[1] == 1 else t_index[:, start:end]
-
-
-def _spans(t_index: torch.Tensor, length: int) -> list[tuple[int, int]]:
-    """Token ranges for gathering modulation rows: all tokens at once for [B, 1], else _MOD_CHUNK_TOKENS slices.
-
-    The ops done per range are elementwise, so the split changes no value; it bounds the gathered per-token
-    [B, n, C] fp32 tables.
-    """
-    step = length if t_index.shape[1] == 1 else _MOD_CHUNK_TOKENS
-    return [(s, min(s + step, length)) for s in range(0, length, max(step, 1))]
-
-
-def _modulate_(x: torch.Tensor, scale1: torch.Tensor, shift: torch.Tensor, t_index: torch.Tensor) -> torch.Tensor:
-    """x <- x · scale1[t_index] + shift[t_index] in place; x [B, L, C] fp32, scale1 (= 1 + scale), shift [U, C]."""
-    for s, e in _spans(t_index, x.shape[1]):
-        rows = _rows(t_index, s, e)
-        x[:, s:e].mul_(scale1[rows]).add_(shift[rows])
-    return x
-
-
-def _gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, t_index: torch.Tensor) -> torch.Tensor:
-    """x + y · gate[t_index] as a new tensor (x is left alone); x, y [B, L, C], gate [U, C] fp32.
-
-    The product is written straight into the result and x added to it (addition commutes exactly), so no
-    product-sized temporary exists besides the result.
-    """
-    dtype = torch.promote_types(x.dtype, torch.promote_types(y.dtype, gate.dtype))
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    for s, e in _spans(t_index, x.shape[1]):
-        o = out[:, s:e]
-        torch.mul(y[:, s:e], gate[_rows(t_index, s, e)], out=o)
-        o.add_(x[:, s:e])
-    return out
-
-
-def _add_gated_(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, t_index: torch.Tensor) -> torch.Tensor:
-    """x += y · gate[t_index] in place; x [B, L, C] (owned by the caller), y [B, L, C], gate [U, C] fp32."""
-    for s, e in _spans(t_index, x.shape[1]):
-        x[:, s:e] += y[:, s:e] * gate[_rows(t_index, s, e)]
-    return x
+def _refuse_autograd(module: nn.Module, *inputs: torch.Tensor) -> None:
+    """Raise RuntimeError if autograd would record `module`'s forward (grad mode on and an input or parameter
+    needing grad): the blocks write in place into tensors autograd would have to save for backward."""
+    if torch.is_grad_enabled() and (
+        any(t.requires_grad for t in inputs) or any(p.requires_grad for p in module.parameters())
+    ):
+        raise RuntimeError(
+            f"{type(module).__name__} is inference-only (it computes in place): call it under torch.inference_mode() "
+            "or torch.no_grad(), or freeze its parameters with requires_grad_(False)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- layers
@@ -317,8 +202,7 @@ class Attention(nn.Module):
         lives only until q is projected. Under autocast the attention output stays in the autocast dtype (the
         reference converts it to q's fp32 and the o projection casts it straight back: same values).
         """
-        if _records_autograd(self, x, source):
-            return self._forward_autograd(x if x_norm is None else x_norm(x), source, rope)
+        _refuse_autograd(self, x, source)
         n = self.num_heads
         q = self._project_heads(self.q, self.norm_q, x, x_norm)  # [B, Lq, N, D]
         if rope is not None:
@@ -330,16 +214,6 @@ class Attention(nn.Module):
         out = attention(q, k, v)
         del q, k, v
         return self.o(out.flatten(2))
-
-    def _forward_autograd(self, x: torch.Tensor, source: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
-        """`forward` written as the reference does, every temporary kept (the path autograd can record)."""
-        n = self.num_heads
-        q = self.norm_q(self.q(x)).unflatten(-1, (n, -1))
-        k = self.norm_k(self.k(source)).unflatten(-1, (n, -1))
-        v = self.v(source).unflatten(-1, (n, -1))
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        return self.o(attention(q, k, v).flatten(2))
 
     def _project_heads(
         self, linear: nn.Module, norm: RMSNorm, x: torch.Tensor, x_norm: nn.Module | None = None
@@ -374,7 +248,7 @@ class Attention(nn.Module):
         if x.dtype == torch.float32 or (
             torch.is_autocast_enabled(device_type) and x.dtype == torch.get_autocast_dtype(device_type)
         ):
-            return _apply_rope_(x, rope)
+            return apply_rope_(x, rope)
         return apply_rope(x, rope)
 
 
@@ -416,44 +290,22 @@ class DiTBlock(nn.Module):
         of e0 for each sample/token; context: [B, text_len, C] embedded text; rope: [L, 1, D/2] from
         `rope_table`.
         """
-        if _records_autograd(self, x, e0, context):
-            return self._forward_autograd(x, e0, context, rope, t_index)
+        _refuse_autograd(self, x, e0, context)
         # Modulation maths is fp32 (fp32 e0 promotes bf16 params): six [U, C] tables, gathered to [B, 1 or L, C]
         # (`m[t_index]`) only where used and per token chunk, so per-token t never holds [B, L, 6, C] at once.
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation[0] + e0).unbind(1)
 
         # norm1 returns x's dtype: at block 0 under autocast that rounds to bf16 before the fp32 modulation.
         # `.float()` of norm1's output is a fresh tensor in every dtype regime, so it is modulated in place.
-        a = _modulate_(self.norm1(x).float(), 1 + scale_sa, shift_sa, t_index)
+        a = modulate_(self.norm1(x).float(), 1 + scale_sa, shift_sa, t_index)
         a = _autocast_input(a)  # the fp32 `a` is dead once cast: q, k and v all project this copy
         y = self.self_attn(a, a, rope)
         del a
-        x = _gated_residual(x, y, gate_sa, t_index)  # fp32 from here on (bf16/fp32 + fp32), owned by this block
+        x = gated_residual(x, y, gate_sa, t_index)  # fp32 from here on (bf16/fp32 + fp32), owned by this block
         del y
         x += self.cross_attn(x, context, x_norm=self.norm3)
         self._ffn_(x, scale_ff, shift_ff, gate_ff, t_index)
         return x
-
-    def _forward_autograd(
-        self,
-        x: torch.Tensor,
-        e0: torch.Tensor,
-        context: torch.Tensor,
-        rope: torch.Tensor,
-        t_index: torch.Tensor,
-    ) -> torch.Tensor:
-        """`forward` written as the reference does, every temporary kept (the path autograd can record).
-
-        Same values as the lean path; it ignores `ffn_chunk_tokens`.
-        """
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (
-            m[t_index] for m in (self.modulation[0] + e0).unbind(1)
-        )  # [B, 1 or L, C] each
-        a = self.norm1(x).float() * (1 + scale_sa) + shift_sa
-        x = x + self.self_attn(a, a, rope) * gate_sa
-        x = x + self.cross_attn(self.norm3(x), context)
-        b = self.norm2(x).float() * (1 + scale_ff) + shift_ff
-        return x + self.ffn(b) * gate_ff
 
     def _ffn_(
         self,
@@ -472,14 +324,14 @@ class DiTBlock(nn.Module):
         linear1, gelu, linear2 = self.ffn
         scale1 = 1 + scale
         for s in range(0, length, step):
-            xs, rows = x[:, s : s + step], _rows(t_index, s, s + step)  # [B, n, C] view of the residual
-            b = _autocast_input(_modulate_(self.norm2(xs).float(), scale1, shift, rows))
+            xs, rows = x[:, s : s + step], token_rows(t_index, s, s + step)  # [B, n, C] view of the residual
+            b = _autocast_input(modulate_(self.norm2(xs).float(), scale1, shift, rows))
             h = linear1(b)  # [B, n, ffn_dim]
             del b
             h = torch.ops.aten.gelu_(h, approximate=gelu.approximate)  # same kernel as GELU, without a copy
             y = linear2(h)
             del h
-            _add_gated_(xs, y, gate, rows)
+            add_gated_(xs, y, gate, rows)
             del y
 
 
@@ -570,7 +422,7 @@ class WanDiT(nn.Module):
         """e [U, C] and e0 [U, 6, C] (fp32) for the U distinct timesteps, and t_index [B, 1] or [B, L]."""
         if t.shape not in ((batch,), (batch, num_tokens)):
             raise InputError(f"timesteps t have shape {tuple(t.shape)}; expected [{batch}] or [{batch}, {num_tokens}]")
-        shared = _shared_timestep(t)
+        shared = shared_timestep(t)
         t = t if shared is None else shared
         values, t_index = torch.unique(t, return_inverse=True)
         if t_index.dim() == 1:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from wan_local import __version__, paths
 from wan_local.engine.request import GenerationSettings
-from wan_local.errors import InputError
+from wan_local.errors import InputError, WanLocalError
 from wan_local.machine import detect_machine
 from wan_local.memory.estimate import JobEstimate, estimate_job
 from wan_local.memory.experts import ExpertSlots
@@ -264,9 +264,11 @@ class WanPipeline:
                     noise, schedule, solver, guidance, on_step=on_step, cancel=cancel, resume_state=resume_state
                 )
             self.experts.park()
+            _check_finite(latent, "the denoised latent")
 
             stage("decode")
             video = self.decode(latent, plan)
+            _check_finite(video, "the decoded video")
         except BaseException:
             self.experts.release()
             raise
@@ -277,6 +279,18 @@ class WanPipeline:
         """Release every model this pipeline holds."""
         self.experts.release()
         self._vae = None
+
+
+class NonFiniteResult(WanLocalError):
+    """A generation produced NaN or inf values: no video is written."""
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteResult(
+            f"{what} holds NaN or infinite values, so no video was written: a damaged model file, an extreme "
+            "guidance scale or shift, or a numeric overflow (try --dtype bf16 on the GPU or other settings)"
+        )
 
 
 def _free_device_bytes(device: torch.device) -> int:

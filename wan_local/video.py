@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 METADATA_PREFIX = "wan-local:"
 CRF = 10  # the reference's imageio quality=8
+#: Largest input image accepted (pixels): 64 MP, far above any video size, far below a decompression bomb.
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 def load_image(path: Path) -> Image.Image:
@@ -34,9 +37,19 @@ def load_image(path: Path) -> Image.Image:
     if not path.is_file():
         raise InputError(f"image {path} does not exist")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise InputError(
+                        f"image {path} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS // 10**6} "
+                        "megapixels accepted; scale it down (the video is at most 1280x720 anyway)"
+                    )
+                img.load()
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"image {path} is too large to open safely ({exc}); scale it down") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(f"image {path} cannot be read ({exc}); use a PNG, JPEG or WebP file") from exc
 

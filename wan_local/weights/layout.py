@@ -49,10 +49,14 @@ def find_checkpoints(ckpt_dir: Path, spec: TaskSpec) -> CheckpointSet:
     root = Path(ckpt_dir).expanduser()
     if not root.is_dir():
         raise CheckpointError(f"checkpoint folder {root} does not exist")
+    experts = (root / "high_noise_model").is_dir() or (root / "low_noise_model").is_dir()
+    official_files = any((root / name).is_file() for name in (_OFFICIAL_T5, *_OFFICIAL_VAE.values()))
+    if (root / "model_index.json").is_file() and (root / "transformer").is_dir() and not experts:
+        return _diffusers(root, spec)
+    if experts or official_files or (root / "config.json").is_file():
+        return _official(root, spec)  # a stray model_index.json next to official files does not make it diffusers
     if (root / "model_index.json").is_file():
         return _diffusers(root, spec)
-    if (root / "high_noise_model").is_dir() or (root / "low_noise_model").is_dir() or _is_official_dit(root):
-        return _official(root, spec)
     return _comfyui(root, spec)
 
 
@@ -65,13 +69,16 @@ def _missing(root: Path, spec: TaskSpec, what: list[str]) -> CheckpointError:
 
 
 def _is_official_dit(folder: Path) -> bool:
+    """Whether `folder` holds an official DiT (config.json of a WanModel); a config.json that is not valid JSON
+    raises a CheckpointError naming it (a broken download must not be blamed on other files)."""
     config = folder / "config.json"
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("_class_name") == "WanModel"
-    except (OSError, json.JSONDecodeError):
-        return False
+        data = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config} cannot be read ({exc}); download it again") from exc
+    return isinstance(data, dict) and data.get("_class_name") == "WanModel"
 
 
 def _tokenizer_dir(root: Path) -> Path | None:

@@ -38,6 +38,29 @@ def _list_some(keys: list[str], n: int = 5) -> str:
     return f"{shown}{f', … ({len(keys)} in all)' if len(keys) > n else ''}"
 
 
+#: float8 bytes that are NaN (e4m3fn has no inf; e5m2's 0x7C-0x7F are inf/NaN, with the sign bit as well).
+_FP8_BAD = {torch.float8_e4m3fn: (0x7F,), torch.float8_e5m2: (0x7C, 0x7D, 0x7E, 0x7F)}
+
+
+def non_finite_tensors(sd: Mapping[str, torch.Tensor], rows_per_chunk: int = 1 << 22) -> list[str]:
+    """Names of floating-point tensors holding NaN or inf, checked in bounded chunks (one pass over the data)."""
+    bad = []
+    for name, t in sd.items():
+        if not t.is_floating_point() or t.is_meta or t.numel() == 0:
+            continue
+        flat = t.reshape(-1)
+        for start in range(0, flat.numel(), rows_per_chunk):
+            part = flat[start : start + rows_per_chunk]
+            if t.dtype in _FP8_BAD:
+                finite = not bool(torch.isin(part.view(torch.uint8) & 0x7F, torch.tensor(_FP8_BAD[t.dtype])).any())
+            else:
+                finite = bool(torch.isfinite(part).all())
+            if not finite:
+                bad.append(name)
+                break
+    return bad
+
+
 def assign_checked(
     factory: Callable[[], M], sd: Mapping[str, torch.Tensor], source: str, dtype: torch.dtype | None
 ) -> M:
@@ -63,10 +86,22 @@ def assign_checked(
     ]
     if wrong:
         problems.append(f"wrong shapes: {_list_some(wrong, 3)}")
+    kinds = [
+        f"{k} is {sd[k].dtype} (expected floating point)"
+        for k, v in expected.items()
+        if k in sd and v.is_floating_point() and not (sd[k].is_floating_point() or sd[k].dtype == torch.int8)
+    ]
+    if kinds:
+        problems.append(f"wrong dtypes: {_list_some(kinds, 3)}")
     if problems:
         raise CheckpointError(
             f"{source} does not match {type(model).__name__}: {'; '.join(problems)}. "
             "The file is probably for a different model or task, or damaged."
+        )
+    bad = non_finite_tensors(sd)
+    if bad:
+        raise CheckpointError(
+            f"{source} holds NaN or infinite values in {_list_some(bad, 3)}: the file is damaged; download it again"
         )
     converted = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
     model.load_state_dict(converted, strict=True, assign=True)

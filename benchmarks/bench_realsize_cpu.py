@@ -57,6 +57,12 @@ EVENTS = {
     "quant": re.compile(r"quantized \d+ Linears|loading cached|stored quantized|loaded quantized"),
     "saved": re.compile(r"saved \d+ frames"),
 }
+#: The estimate's stage figures and the measured stages they cover.
+ESTIMATE_STAGES = {
+    "encode": ("start", "encode_text"),
+    "denoise": ("condition", "denoise"),
+    "decode": ("decode", "save_exit"),
+}
 STATUS_KEYS = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem", "VmHWM": "hwm"}
 
 
@@ -258,7 +264,7 @@ def _rss_at(samples: list, t: float) -> dict[str, int] | None:
 def expert_residency(samples: list, events: list[dict], files: list[dict]) -> dict[str, object] | None:
     """A14B: RSS while the high-noise expert is active (at its last step) vs the peak after the low-noise one is
     loaded. If the first were released, the peak after the switch stays near the first; if both were held it
-    rises by about one expert's file size."""
+    rises by about one expert's file size (threshold: half of it, at least 256 MiB of RSS noise)."""
     loads = {("high" if "high" in e["groups"][1] else "low"): e["t_s"] for e in events if e["kind"] == "dit_load"}
     steps = [e for e in events if e["kind"] == "step"]
     high_steps = [e["t_s"] for e in steps if e["groups"][3] == "high_noise"]
@@ -271,7 +277,7 @@ def expert_residency(samples: list, events: list[dict], files: list[dict]) -> di
     after = [s for t, s in samples if loads["low"] - 1.0 <= t <= end]
     between = [s for t, s in samples if high_steps[-1] <= t <= loads["low"]]
     peak_after = max(s["rss"] for s in after) if after else None
-    together = peak_after is not None and peak_after > active["rss"] + 0.5 * expert_bytes
+    together = peak_after is not None and peak_after > active["rss"] + max(expert_bytes // 2, 2**28)
     order = [f"{e['kind']}:{Path(e['groups'][-1]).name}" for e in events if e["kind"] in ("dit_load", "step")]
     return {
         "complete": True,
@@ -323,6 +329,18 @@ def summarize(run: dict, files: list[dict], predicted: int | None, two_experts: 
     }
 
 
+def stage_ratios(stages: dict[str, dict], estimate: dict) -> dict[str, dict[str, float]]:
+    """Measured peak RSS of the stages each estimate figure covers vs that figure (`<stage>_ram_bytes`)."""
+    out = {}
+    for name, covered in ESTIMATE_STAGES.items():
+        predicted = (estimate.get("ram_bytes_by_stage") or {}).get(f"{name}_ram_bytes")
+        peaks = [stages[n]["peak_rss_gib"] for n in covered if stages.get(n, {}).get("peak_rss_gib")]
+        if predicted and peaks:
+            ratio = round(max(peaks) * GIB / predicted, 3)
+            out[name] = {"measured_gib": max(peaks), "predicted_gib": _gib(predicted), "ratio": ratio}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -359,15 +377,16 @@ def markdown(results: list[dict]) -> str:
         for name, st in r["measured"]["stages"].items():
             cells = [st.get(k, "") for k in ("wall_s", "cpu_s", "peak_rss_gib", "anon_at_peak_gib", "file_at_peak_gib")]
             rows.append(f"| {r['job']} | {name} | " + " | ".join(str(c) for c in cells) + " |")
-    rows += ["", "| job | rc | peak RSS GiB (anon / file) | predicted GiB | measured / predicted | experts together |"]
-    rows.append("|---|---|---|---|---|---|")
+    rows += ["", "| job | rc | peak RSS GiB (anon / file) | predicted GiB | measured / predicted | by stage "]
+    rows[-1] += "(encode, denoise, decode) | experts together |"
+    rows.append("|---|---|---|---|---|---|---|")
     for r in results:
         m = r["measured"]
         together = (m["experts"] or {}).get("held_together", "n/a")
         split = f"{m['peak_rss_gib']} ({m['anon_at_peak_gib']} / {m['file_at_peak_gib']})"
         rows.append(
             f"| {r['job']} | {m['rc']} | {split} | {m['predicted_peak_ram_gib']} | {m['measured_over_predicted']} "
-            f"| {together} |"
+            f"| {', '.join(str(v['ratio']) for v in m['stages_vs_predicted'].values())} | {together} |"
         )
     return "\n".join(rows)
 
@@ -449,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         env = child_env(run_dir / "home")
         ckpt_dir = root / job.folder
         estimates = [run_estimate(job, settings, ckpt_dir, flags, env) for flags in job.estimate_variants]
-        predicted = next((e["peak_ram_bytes"] for e in estimates if e.get("peak_ram_bytes")), None)
+        used = next((e for e in estimates if e.get("peak_ram_bytes")), {})
+        predicted = used.get("peak_ram_bytes")
         cmd = [sys.executable, "-m", "wan_local", "generate", "--task", job.task, "--ckpt-dir", str(ckpt_dir)]
         cmd += ["--prompt", PROMPT, "--size", settings["size"], "--frames", str(settings["frames"])]
         cmd += ["--steps", str(args.steps), "--shift", str(settings["shift"]), "--seed", "0", "--device", "cpu"]
@@ -457,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("running %s: %s", job.task, " ".join(cmd[2:]))
         run = run_child(cmd, env, run_dir / "generate.log", args, job.key)
         measured = summarize(run, files[job.key], predicted, get_task(job.task).two_experts)
+        measured["predicted_from_flags"] = used.get("flags")
+        measured["stages_vs_predicted"] = stage_ratios(measured["stages"], used)
         report["jobs"].append(
             {"job": job.key, "settings": settings, "argv": cmd[2:], "estimates": estimates, "measured": measured}
         )

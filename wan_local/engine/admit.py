@@ -40,6 +40,7 @@ def estimate_for(job: ResolvedJob, options: MemoryOptions) -> JobEstimate:
         dit_tensors=info.dit_tensors if info else None,
         dense_bytes=job.dtype_bytes,
         dit_file_bytes=info.dit_file_bytes if info else None,
+        with_image=bool(s.image),
     )
 
 

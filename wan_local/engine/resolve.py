@@ -41,7 +41,8 @@ class CheckpointInfo:
     files: where each component lives (layout detection). dit_config: the DiT's hyper-parameters. dit_tensors:
     the DiT's tensors (official names, shape and stored dtype; A14B: the high-noise expert, both have the same
     shapes). dit_file_bytes: bytes on disk of one DiT (one expert). text_encoder_params / vae_params: element
-    counts of UMT5 and the VAE.
+    counts of UMT5 and the VAE. text_encoder_file_bytes, text_encoder_dtypes (stored, as "bf16", "fp32", "fp8",
+    ...) and text_encoder_embedding_params (the token embedding): what loading UMT5 costs in RAM.
     """
 
     files: CheckpointSet
@@ -50,10 +51,20 @@ class CheckpointInfo:
     dit_file_bytes: int
     text_encoder_params: int
     vae_params: int
+    text_encoder_file_bytes: int = 0
+    text_encoder_dtypes: frozenset[str] = frozenset()
+    text_encoder_embedding_params: int = 0
 
     @property
     def layout(self) -> str:
         return self.files.format
+
+
+_DTYPE_NAMES = {"BF16": "bf16", "torch.bfloat16": "bf16", "F32": "fp32", "torch.float32": "fp32"}
+
+
+def _dtype_name(stored: str) -> str:
+    return _DTYPE_NAMES.get(stored, stored)
 
 
 def _file_bytes(path: Path) -> int:
@@ -80,13 +91,18 @@ def read_checkpoint(ckpt_dir: Path | str, spec: TaskSpec) -> CheckpointInfo:
         raise CheckpointError(f"{dit}: invalid model configuration ({exc})") from exc
     if config.model_type != spec.model_type:
         raise CheckpointError(f"{dit} holds a {config.model_type!r} DiT but {spec.name} needs {spec.model_type!r}")
+    text_encoder = headers.tensor_table(files.text_encoder)
+    weights = {k: t for k, t in text_encoder.items() if t.shape and "scale" not in k and k != "spiece_model"}
     return CheckpointInfo(
         files=files,
         dit_config=config,
         dit_tensors=tensors,
         dit_file_bytes=_file_bytes(dit),
-        text_encoder_params=headers.param_count(files.text_encoder),
+        text_encoder_params=sum(t.numel for t in weights.values()),
         vae_params=headers.param_count(files.vae),
+        text_encoder_file_bytes=_file_bytes(files.text_encoder),
+        text_encoder_dtypes=frozenset(_dtype_name(t.dtype) for t in weights.values()),
+        text_encoder_embedding_params=max((t.numel for t in weights.values()), default=0),
     )
 
 
@@ -126,7 +142,12 @@ class ResolvedJob:
         if self.checkpoint is None:
             return None
         info = self.checkpoint
-        return ComponentBytes(info.text_encoder_params * self.dtype_bytes, info.vae_params * 4)
+        run = info.text_encoder_params * self.dtype_bytes
+        if info.text_encoder_dtypes and info.text_encoder_dtypes != {self.dtype}:
+            encode = run + info.text_encoder_file_bytes  # the converted copy next to the file's mapped pages
+        else:
+            encode = run - info.text_encoder_embedding_params * self.dtype_bytes  # untouched embedding rows
+        return ComponentBytes(run, info.vae_params * 4, encode)
 
 
 def cpu_view(machine: MachineInfo) -> MachineInfo:

@@ -336,10 +336,17 @@ def vae_weight_bytes(vae: str) -> int:
 
 @dataclass(frozen=True)
 class ComponentBytes:
-    """Weights of a checkpoint's text encoder (as run: bf16) and VAE (float32), counted from its files."""
+    """Weights of a checkpoint's text encoder (as run) and VAE (float32), counted from its files.
+
+    text_encoder_encode_bytes: host RAM while UMT5 loads and encodes, when it differs from its weights as run: a
+    file converted on load (ComfyUI's fp8 UMT5, or --dtype other than the file's) holds the converted copy and
+    the file's mapped pages at once; a file used as stored (the official bf16 .pth) never touches most of its
+    token embedding (only the prompt's rows are read).
+    """
 
     text_encoder_bytes: int
     vae_bytes: int
+    text_encoder_encode_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -347,8 +354,11 @@ class PipelineBytes:
     """What a job needs besides the DiT's own residency, for the stage-by-stage accounting.
 
     experts: DiTs of the task (2 for A14B, each `ModelBytes`-sized). text_encoder_bytes: UMT5 weights;
-    text_encoder_vram_bytes: what encoding on the GPU needs. vae_bytes: VAE weights (RAM during denoise).
-    decoded_video_bytes: the float32 video in host RAM. latent_hw: latent (h, w), for VAE tile sizes.
+    text_encoder_encode_bytes: host RAM while encoding (ComponentBytes); text_encoder_vram_bytes: what encoding
+    on the GPU needs. vae_bytes: VAE weights. vae_in_denoise: whether the VAE's weights are in RAM while
+    denoising (on a GPU it comes back from the card into host memory; a CPU job reads its mapped file only to
+    encode an input image or to decode). decoded_video_bytes: the float32 video in host RAM. latent_hw: latent
+    (h, w), for VAE tile sizes.
     """
 
     experts: int = 1
@@ -357,15 +367,25 @@ class PipelineBytes:
     vae_bytes: int = 0
     decoded_video_bytes: int = 0
     latent_hw: tuple[int, int] = (1, 1)
+    text_encoder_encode_bytes: int | None = None
+    vae_in_denoise: bool = True
 
 
 def pipeline_bytes_for(
-    spec: TaskSpec, width: int, height: int, frames: int, components: ComponentBytes | None = None
+    spec: TaskSpec,
+    width: int,
+    height: int,
+    frames: int,
+    components: ComponentBytes | None = None,
+    *,
+    vae_in_denoise: bool = True,
 ) -> PipelineBytes:
     """PipelineBytes for one video of the given size: the checkpoint's `components`, else the official ones."""
     _, h, w = latent_grid(spec, width, height, frames)
     te = components.text_encoder_bytes if components else text_encoder_bytes()
     return PipelineBytes(
+        text_encoder_encode_bytes=components.text_encoder_encode_bytes if components else None,
+        vae_in_denoise=vae_in_denoise,
         experts=2 if spec.two_experts else 1,
         text_encoder_bytes=te,
         text_encoder_vram_bytes=te + TEXT_ENCODER_WORK_BYTES,

@@ -215,12 +215,14 @@ def _plan(
     os_name: str,
     notes: list[str],
     components: ComponentBytes | None = None,
+    with_image: bool = False,
 ) -> ResidencyPlan:
     from wan_local.presets import ram_safety_margin_bytes
 
     width, height = size
     tokens = tokens_for(spec, width, height, frames)
-    pipe = pipeline_bytes_for(spec, width, height, frames, components)
+    # A CPU job's VAE stays a mapped file until it decodes, unless it encodes an input image first.
+    pipe = pipeline_bytes_for(spec, width, height, frames, components, vae_in_denoise=machine.has_gpu or with_image)
     safety = ram_safety_margin_bytes(machine)  # the margin admission keeps: optional RAM uses stay within it
     latent_shape = (1, 1, *latent_grid(spec, width, height, frames))
     if not machine.has_gpu:
@@ -278,6 +280,7 @@ def estimate_job(
     dit_tensors: Mapping[str, Any] | None = None,
     dense_bytes: int = BF16_BYTES,
     dit_file_bytes: int | None = None,
+    with_image: bool | None = None,
 ) -> JobEstimate:
     """Plan `task` at `size` (width, height) x `frames` for `steps` steps on `machine` and estimate its cost.
 
@@ -287,7 +290,8 @@ def estimate_job(
     of the weights as stored and as computed (a ComfyUI fp8 file stays fp8); else they follow `dit_config`.
     dense_bytes: bytes per element of unquantized weights (the run dtype: 2 for bf16, 4 for fp32). dit_file_bytes:
     one DiT's size on disk, for the load time. os_name: for the default pinned-memory cap ("Windows", "Linux";
-    default: this machine's). Raises InputError for unusable settings and PlanError when the job cannot fit.
+    default: this machine's). with_image: the job encodes an input image (default: the task needs one). Raises
+    InputError for unusable settings and PlanError when the job cannot fit.
     """
     spec = get_task(task)
     if steps < 1:
@@ -302,7 +306,10 @@ def estimate_job(
     else:
         model = dit_bytes(cfg, options.quant, options.quant_scope, dense_bytes=dense_bytes)
     notes: list[str] = []
-    plan = _plan(spec, cfg, model, size, frames, options, machine, os_name or platform.system(), notes, components)
+    image = spec.needs_image if with_image is None else with_image
+    plan = _plan(
+        spec, cfg, model, size, frames, options, machine, os_name or platform.system(), notes, components, image
+    )
     speed = device_speed(machine.gpu_name, machine.vram_total_bytes)
     gpu = plan.device == "cuda"
     flops = dit_forward_flops(cfg, tokens)

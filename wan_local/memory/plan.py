@@ -31,8 +31,10 @@ from wan_local.memory.options import MemoryOptions
 
 log = logging.getLogger(__name__)
 
-#: Python + torch + CUDA runtime resident set, counted in every stage's RAM.
+#: Python + torch + CUDA runtime resident set, counted in every stage's RAM (a CPU-only process: ~0.3 GiB after
+#: its imports, ~0.5 GiB while a job runs, measured by benchmarks/bench_realsize_cpu.py).
 PROCESS_RAM_BYTES = 2 * GIB
+CPU_PROCESS_RAM_BYTES = GIB // 2
 #: Slack kept free before choosing an optional RAM use (idle expert, UMT5 kept alongside the DiT).
 RAM_SAFETY_BYTES = 2 * GIB
 #: The streamer's two pinned staging chunks for pageable blocks (streaming.DEFAULT_CHUNK_BYTES each).
@@ -273,8 +275,8 @@ def _plan_ram(
     def stages(keep_idle: bool) -> tuple[int, int, int]:
         held = pipe.experts * expert_bytes if keep_idle else 0
         active = 0 if keep_idle else expert_bytes
-        encode = held + te + extra[0]
-        denoise = held + active + vae + staging + extra[1]
+        encode = held + (pipe.text_encoder_encode_bytes or te) + extra[0]
+        denoise = held + active + (vae if pipe.vae_in_denoise else 0) + staging + extra[1]
         decode = held + vae + pipe.decoded_video_bytes + extra[2]
         return process + encode, process + denoise, process + decode
 
@@ -459,7 +461,7 @@ def plan_cpu(
     vae_decode_bytes: int = 0,
     pipeline: PipelineBytes | None = None,
     *,
-    process_ram_bytes: int = PROCESS_RAM_BYTES,
+    process_ram_bytes: int = CPU_PROCESS_RAM_BYTES,
     ram_safety_bytes: int = RAM_SAFETY_BYTES,
 ) -> ResidencyPlan:
     """Plan a CPU-only job: activations and the VAE decode working set in RAM, the blocks resident, or streamed

@@ -4,7 +4,9 @@ Flags are parsed here and only here. The app builds the settings, the job store,
 process: a CUDA crash or an out-of-memory in a job never takes the UI down), measures the machine in a short
 child process (so the UI process never creates a CUDA context that would hold VRAM the worker needs), and hands
 all of it to `ui.build_app`. It binds to 127.0.0.1 unless --listen (or the LAN setting) asks for 0.0.0.0; there
-is no public share link. Importing this module does nothing heavy: no torch, no Gradio, no server.
+is no public share link. The browser may fetch only the files the served-files policy (ui.served) names: the
+output and previews folders, never the queue's database or the settings. Importing this module does nothing
+heavy: no torch, no Gradio, no server.
 """
 
 from __future__ import annotations
@@ -224,17 +226,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         machine = probe_machine(store.folder)
         log.info("machine: %s", machine.describe())
         import ui
+        from ui.served import guard_middleware
 
-        allowed: list[str] = []
-        demo = ui.build_app(
-            ui.build_context(
-                store=store, settings=settings, machine=machine, presets=presets, worker=worker,
-                hub=DownloadManager(), allowed_paths=allowed,
-            )
-        )  # fmt: skip
+        ctx = ui.build_context(
+            store=store, settings=settings, machine=machine, presets=presets, worker=worker, hub=DownloadManager()
+        )
+        demo = ui.build_app(ctx)
         demo.queue(default_concurrency_limit=4)
+        # The policy's own lists (changed in place when the settings change), its guard on every file request,
+        # and no static-file worker processes (they would keep the lists as they were at launch).
         demo.launch(
-            server_name=host, server_port=port, inbrowser=not args.no_browser, share=False, allowed_paths=allowed,
+            server_name=host, server_port=port, inbrowser=not args.no_browser, share=False,
+            allowed_paths=ctx.served.allowed_paths, blocked_paths=ctx.served.blocked_paths,
+            app_kwargs={"middleware": [guard_middleware(ctx.served)]}, num_workers=0,
             ssr_mode=False, theme=ui.theme(), footer_links=["gradio", "settings"], quiet=False,
         )  # fmt: skip
     except KeyboardInterrupt:

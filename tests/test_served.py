@@ -3,11 +3,15 @@
 endpoint called through gradio_client. The queue's database, the settings and system files are refused before
 and after any settings save; a real output video is served; an output folder that would expose more is refused
 with the reason; changing the output folder replaces what is served. The policy itself (ui.served) is also
-checked directly, without a server. The app starts once for the module (about 15 s on 2 busy cores: `slow`)."""
+checked directly, without a server. --listen refuses to start without a password, and with one every request
+needs it. The app starts once for the module (about 15 s on 2 busy cores: `slow`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from running_app import app_env, free_port, running_app
+from running_app import REPO_ROOT, app_env, free_port, running_app
 
 from ui.served import PrivatePaths, ServedFiles, file_route_target, output_folder_refusal
 from wan_local.specs import TASKS
@@ -170,3 +174,58 @@ def test_settings_saved_through_the_api_never_expose_more(app):
     assert save_settings(client, "").startswith("✓ Saved")  # back to <home>/outputs
     assert fetch(f"{app.url}/gradio_api/file={app.video}")[0] == 200
     assert fetch(f"{app.url}/gradio_api/file={elsewhere}")[0] == 403
+
+
+# ------------------------------------------------------------------------------------------------ --listen
+
+
+def test_listen_without_a_password_refuses_to_start_with_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "app.py", "--listen", "--no-browser", "--no-worker", "--home", str(tmp_path)],
+        cwd=REPO_ROOT, env=app_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert "--listen needs a password: set WAN_LOCAL_PASSWORD=<password> or add --new-password" in errors[0]
+    help_text = subprocess.run(
+        [sys.executable, "app.py", "--help"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert "WAN_LOCAL_PASSWORD" in help_text and "--new-password" in help_text
+
+
+def test_the_network_needs_a_password_and_the_lan_setting_without_one_stays_local(caplog):
+    spec = importlib.util.spec_from_file_location("wan_local_app", REPO_ROOT / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    parse = app.build_parser().parse_args
+    assert app.network_access(parse([]), False, {"WAN_LOCAL_PASSWORD": "pw"}) == ("127.0.0.1", None)
+    assert app.network_access(parse(["--listen"]), False, {"WAN_LOCAL_PASSWORD": "pw"}) == ("0.0.0.0", ("wan", "pw"))
+    with pytest.raises(ValueError, match="--listen needs a password"):
+        app.network_access(parse(["--listen"]), False, {})
+    assert app.network_access(parse([]), True, {}) == ("127.0.0.1", None)
+    assert "LAN access is on in the settings but no password is set" in caplog.text
+    host, (user, password) = app.network_access(parse(["--new-password", "--user", "me"]), True, {})
+    assert host == "0.0.0.0" and user == "me" and len(password) >= 16 and password in caplog.text
+
+
+@pytest.mark.slow
+def test_listen_with_a_password_asks_every_request_for_it(tmp_path):
+    from gradio_client import Client
+    from gradio_client.exceptions import AuthenticationError
+
+    home = tmp_path / "home"
+    video = write_video(home / "outputs" / "fox.mp4")
+    port = free_port()
+    env = app_env(WAN_LOCAL_PASSWORD="correct horse")
+    with running_app(["--listen", "--home", str(home), "--no-worker"], tmp_path / "app.log", env, port):
+        url = f"http://127.0.0.1:{port}"
+        assert fetch(f"{url}/config")[0] == 401
+        assert fetch(f"{url}/gradio_api/file={video}")[0] == 401
+        assert fetch(f"{url}/gradio_api/file=/etc/passwd")[0] == 403
+        assert fetch(f"{url}/gradio_api/call/save_settings", data=b'{"data": ["/"]}')[0] == 401
+        with pytest.raises(AuthenticationError, match="credentials were not provided"):
+            Client(url + "/", verbose=False)
+        assert fetch(f"{url}/login", b"username=wan&password=wrong", "application/x-www-form-urlencoded")[0] == 400
+        client = Client(url + "/", auth=("wan", "correct horse"), verbose=False)
+        assert save_settings(client, "/").startswith("✗ The output folder / is not allowed")
+    assert "anyone with the password" in (tmp_path / "app.log").read_text()

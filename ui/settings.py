@@ -82,7 +82,7 @@ def build_settings_tab(ctx: AppContext) -> SettingsHandlers:
         port = gr.Number(value=values[-2], precision=0, label="Port (after a restart)", elem_id="settings-port")
         listen = gr.Checkbox(
             value=values[-1],
-            label="Allow other computers on my network (after a restart; anyone on it can use the app)",
+            label="Allow other computers on my network (after a restart; needs a password: WAN_LOCAL_PASSWORD)",
             elem_id="settings-listen",
         )
     save = gr.Button("Save settings", variant="primary", elem_id="settings-save")

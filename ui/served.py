@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 #: The file routes of Gradio (after the app's root path): everything after the prefix is a file path.
 FILE_ROUTES = ("/gradio_api/file=", "/gradio_api/file/", "/file=", "/file/")
 #: Single files the UI may show besides the served folders: videos and input images only.
-MEDIA_SUFFIXES = frozenset({".mp4", ".webm", ".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+MEDIA_SUFFIXES = frozenset({".mp4", ".webm", ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MAX_SHOWN_FILES = 32
 #: Files next to the database that hold its live state (SQLite's write-ahead log and shared memory).
 DB_SIDECARS = ("-wal", "-shm", "-journal")

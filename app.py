@@ -4,7 +4,11 @@ Flags are parsed here and only here. The app builds the settings, the job store,
 process: a CUDA crash or an out-of-memory in a job never takes the UI down), measures the machine in a short
 child process (so the UI process never creates a CUDA context that would hold VRAM the worker needs), and hands
 all of it to `ui.build_app`. It binds to 127.0.0.1 unless --listen (or the LAN setting) asks for 0.0.0.0; there
-is no public share link. Importing this module does nothing heavy: no torch, no Gradio, no server.
+is no public share link. Listening on the network needs a password (Gradio's login page): $WAN_LOCAL_PASSWORD, or
+--new-password for one made up and shown once; --listen without one refuses to start, and the LAN setting without
+one stays on this computer. The browser may fetch only the files the served-files policy (ui.served) names: the
+output and previews folders, never the queue's database or the settings. Importing this module does nothing
+heavy: no torch, no Gradio, no server.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("wan_local.app")
 
 PORT_ATTEMPTS = 100
+PASSWORD_ENV = "WAN_LOCAL_PASSWORD"
+DEFAULT_USER = "wan"
 WORKER_STOP_TIMEOUT_S = 20.0
 _PROBE = (
     "import dataclasses, json; from wan_local.machine import detect_machine; "
@@ -39,8 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--port", type=int, help="port (default: the settings' port, 7860, or the next free one)")
     parser.add_argument(
-        "--listen", action="store_true", help="let other computers on the network open the app (binds 0.0.0.0)"
-    )
+        "--listen", action="store_true",
+        help=f"let other computers on the network open the app (binds 0.0.0.0); needs a password: set "
+        f"${PASSWORD_ENV} or pass --new-password",
+    )  # fmt: skip
+    parser.add_argument(
+        "--new-password", action="store_true",
+        help="make up a password for network access and show it once (instead of $WAN_LOCAL_PASSWORD)",
+    )  # fmt: skip
+    parser.add_argument("--user", default=DEFAULT_USER, help=f"user name of the login page (default: {DEFAULT_USER})")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     parser.add_argument("--home", type=Path, help="folder of the queue, videos and settings (overrides WAN_LOCAL_HOME)")
     parser.add_argument("--no-worker", action="store_true", help="do not start the worker (tests, or a separate one)")
@@ -162,6 +175,29 @@ class WorkerProcess:
         log.info("worker stopped (exit code %s)", proc.returncode)
 
 
+def network_access(
+    args: argparse.Namespace, listen_setting: bool, environ: Mapping[str, str]
+) -> tuple[str, tuple[str, str] | None]:
+    """(host to bind, (user, password) of the login page or None). The network (0.0.0.0) only with a password:
+    $WAN_LOCAL_PASSWORD, or a new one (--new-password, shown once). --listen without one raises ValueError with
+    the line to show; the LAN setting without one stays on this computer (127.0.0.1), with a warning."""
+    if not (args.listen or listen_setting):
+        return "127.0.0.1", None
+    password = environ.get(PASSWORD_ENV, "")
+    if args.new_password:
+        import secrets
+
+        password = secrets.token_urlsafe(12)
+        log.warning("network login: user %r, password %s (shown only now)", args.user, password)
+    if password:
+        return "0.0.0.0", (args.user, password)
+    if args.listen:
+        raise ValueError(f"--listen needs a password: set {PASSWORD_ENV}=<password> or add --new-password")
+    log.warning("LAN access is on in the settings but no password is set (%s or --new-password): "
+                "only this computer can open the app", PASSWORD_ENV)  # fmt: skip
+    return "127.0.0.1", None
+
+
 def _raise_interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -203,7 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WanLocalError as exc:
         log.error("%s", exc)
         return 2
-    host = "0.0.0.0" if (args.listen or settings.current.listen) else "127.0.0.1"
+    try:
+        host, login = network_access(args, settings.current.listen, os.environ)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     try:
         if args.port is not None:
             if not port_is_free(host, args.port):
@@ -216,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     if host == "0.0.0.0":
-        log.warning("listening on the local network (port %d): anyone on it can use this app", port)
+        log.warning("listening on the local network (port %d): anyone with the password can use this app", port)
 
     worker = None if args.no_worker else WorkerProcess(store.path, env=dict(os.environ)).start()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -224,17 +264,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         machine = probe_machine(store.folder)
         log.info("machine: %s", machine.describe())
         import ui
+        from ui.served import guard_middleware
 
-        allowed: list[str] = []
-        demo = ui.build_app(
-            ui.build_context(
-                store=store, settings=settings, machine=machine, presets=presets, worker=worker,
-                hub=DownloadManager(), allowed_paths=allowed,
-            )
-        )  # fmt: skip
+        ctx = ui.build_context(
+            store=store, settings=settings, machine=machine, presets=presets, worker=worker, hub=DownloadManager()
+        )
+        demo = ui.build_app(ctx)
         demo.queue(default_concurrency_limit=4)
+        # The policy's own lists (changed in place when the settings change), its guard on every file request,
+        # and no static-file worker processes (they would keep the lists as they were at launch).
         demo.launch(
-            server_name=host, server_port=port, inbrowser=not args.no_browser, share=False, allowed_paths=allowed,
+            server_name=host, server_port=port, inbrowser=not args.no_browser, share=False,
+            auth=login, auth_message="wan-local: the password set on the computer that runs it.",
+            allowed_paths=ctx.served.allowed_paths, blocked_paths=ctx.served.blocked_paths,
+            app_kwargs={"middleware": [guard_middleware(ctx.served)]}, num_workers=0,
             ssr_mode=False, theme=ui.theme(), footer_links=["gradio", "settings"], quiet=False,
         )  # fmt: skip
     except KeyboardInterrupt:

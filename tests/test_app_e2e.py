@@ -11,15 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from running_app import app_env, free_port, running_app
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path(os.environ.get("WAN_LOCAL_CHROMIUM", "/usr/bin/chromium"))  # Debian's; override for other systems
@@ -32,64 +28,19 @@ CHROMIUM_ARGS = [
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the app exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    pytest.fail(f"the app did not answer at {url} within {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture
 def app_server(tmp_path, tiny):
     """The app on a free port with a fresh home; yields (url, home, process); stops it (and its worker) after."""
     if not CHROMIUM.is_file():
         pytest.skip(f"{CHROMIUM} not found: apt-get install chromium (Debian), or set WAN_LOCAL_CHROMIUM")
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    psutil = pytest.importorskip("psutil")
     home = tmp_path / "home"
     home.mkdir()
     settings = {"model_dirs": {"t2v-A14B": str(tiny / "t2v-A14B")}, "device": "cpu"}
     (home / "settings.json").write_text(json.dumps(settings))
-    port = _free_port()
-    log = tmp_path / "app.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-    env.pop("WAN_LOCAL_HOME", None)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "app.py", "--port", str(port), "--no-browser", "--home", str(home)],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    children: list = []
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        _wait_http(url, proc, log)
-        children = psutil.Process(proc.pid).children(recursive=True)
-        yield url, home, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-        for child in alive:
-            child.kill()
-        assert not alive, f"the app left processes running: {alive}\n{log.read_text()[-2000:]}"
+    port = free_port()
+    with running_app(["--home", str(home)], tmp_path / "app.log", app_env(), port) as proc:
+        yield f"http://127.0.0.1:{port}/", home, proc
 
 
 def _field(page, elem_id: str):

@@ -107,19 +107,15 @@ def with_model_dir(ctx, form: FormValues) -> FormValues:
 def test_build_app_constructs_every_tab_without_launching(home, tiny, presets):
     store = JobStore(home / "jobs.sqlite3")
     settings = SettingsStore(home / "settings.json")
-    allowed: list[str] = []
-    demo = build_app(
-        build_context(
-            store=store, settings=settings, machine=CPU_BOX, presets=presets, worker=FakeWorker(), estimator=None,
-            allowed_paths=allowed,
-        )
-    )  # fmt: skip
+    ctx = build_context(store=store, settings=settings, machine=CPU_BOX, presets=presets, worker=FakeWorker(),
+                        estimator=None)  # fmt: skip
+    demo = build_app(ctx)
     ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
     for elem in ("gen-prompt", "gen-add", "gen-prediction", "queue-table", "queue-preview", "queue-restart",
                  "gallery-table", "gallery-reuse", "models-download-t2v-a14b", "settings-save"):  # fmt: skip
         assert elem in ids, elem
-    assert {str(d.absolute()) for d in (store.inputs_dir, store.previews_dir, store.outputs_dir)} <= set(allowed)
-    assert str(store.folder.absolute()) not in allowed  # the queue database is not served
+    assert ctx.served.allowed_paths == [str(d.resolve()) for d in (store.outputs_dir, store.previews_dir)]
+    assert not ctx.served.serves(store.path)  # the queue database is not served
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -494,7 +490,9 @@ def test_settings_tab_saves_and_says_what_needs_a_restart(make_ctx, tmp_path):
     assert message.startswith("✓ Saved") and "when wan-local restarts" in message
     saved = json.loads(ctx.settings.path.read_text())
     assert saved["port"] == 7999 and saved["output_dir"] == str(out.absolute()) and out.is_dir()
-    assert str(out.absolute()) in ctx.allowed_paths
+    assert ctx.served.serves(out / "new.mp4") and not ctx.served.serves(ctx.store.outputs_dir / "old.mp4")
+    refused = tab.save(str(ctx.store.folder), *values[1:])
+    assert refused.startswith(f"✗ The output folder {ctx.store.folder} is not allowed: it holds"), refused
     assert tab.save("", *values[1:-2], "x", values[-1]).startswith("✗ port 'x'")
 
 

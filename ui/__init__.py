@@ -36,7 +36,6 @@ def build_context(
     worker: WorkerControl | None = None,
     hub: DownloadManager | None = None,
     estimator: Estimator | None = _LOAD_ESTIMATOR,
-    allowed_paths: list[str] | None = None,
     measure: Callable[[MachineInfo], MachineInfo] | None = None,
 ) -> AppContext:
     """The AppContext the tabs share.
@@ -45,10 +44,11 @@ def build_context(
     never re-measured in the UI process); presets: loaded presets (pick_preset chooses "auto"); worker: the
     worker process handle (None: --no-worker); hub: the download manager (default: a new one whose finished
     downloads become the task's model folder); estimator: estimate_job-like callable (default: imported when
-    available; None: "no estimate"); allowed_paths: the list to pass to launch(allowed_paths=...), filled here
-    with the folders the UI serves files from and extended when the output folder changes; measure: replaces
-    the RAM re-measurement (tests).
+    available; None: "no estimate"); measure: replaces the RAM re-measurement (tests). The context's `served`
+    policy serves the output folder of the settings and the previews folder, never the queue's database or the
+    settings (its lists and guard go to launch()).
     """
+    from ui.served import PrivatePaths, ServedFiles
     from wan_local.models_hub import DownloadManager
 
     ctx = AppContext(
@@ -59,12 +59,10 @@ def build_context(
         worker=worker,
         hub=hub if hub is not None else DownloadManager(),
         estimator=load_estimator() if estimator is _LOAD_ESTIMATOR else estimator,
+        served=ServedFiles(PrivatePaths.of(store.path, settings.path), store.previews_dir),
         measure=measure,
-        allowed_paths=allowed_paths if allowed_paths is not None else [],
     )
-    # Only the media folders: the queue database and the settings next to them are not for the browser.
-    for folder in (store.inputs_dir, store.previews_dir, store.outputs_dir, ctx.output_dir()):
-        ctx.allow(folder)
+    ctx.served.rebuild(ctx.output_dir())
     return ctx
 
 

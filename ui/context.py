@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ui.prediction import Estimator
+from ui.served import ServedFiles
 from wan_local.jobs.store import JobStore
 from wan_local.machine import MachineInfo
 from wan_local.models_hub import DownloadManager
@@ -52,7 +53,7 @@ def refresh_ram(machine: MachineInfo, disk_path: Path | None = None) -> MachineI
 @dataclass
 class AppContext:
     """The app's objects. `machine` is the startup snapshot; `machine_now()` re-measures RAM for admission.
-    `pick` is the automatic preset choice for this machine."""
+    `pick` is the automatic preset choice for this machine; `served` says which files the browser may fetch."""
 
     store: JobStore
     settings: SettingsStore
@@ -61,10 +62,10 @@ class AppContext:
     worker: WorkerControl | None
     hub: DownloadManager
     estimator: Estimator | None
+    #: What the browser may fetch (the output and previews folders); rebuilt when the settings change.
+    served: ServedFiles
     pick: Pick = field(init=False)
     measure: Callable[[MachineInfo], MachineInfo] | None = None
-    #: Folders Gradio may serve files from (videos, previews, input images); extended when settings change.
-    allowed_paths: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.pick = pick_preset(self.machine, self.presets)
@@ -79,9 +80,3 @@ class AppContext:
         """Where new videos go: the Settings tab's folder, else <home>/outputs."""
         chosen = self.settings.current.output_dir
         return Path(chosen).expanduser() if chosen else self.store.outputs_dir
-
-    def allow(self, folder: Path | str) -> None:
-        """Let Gradio serve files from `folder` (the list is the one passed to launch(), so this is live)."""
-        path = str(Path(folder).expanduser().absolute())
-        if path not in self.allowed_paths:
-            self.allowed_paths.append(path)

@@ -166,8 +166,6 @@ class GalleryHandlers:
             form = form_from_settings(settings, model_dir=model_dir)
         except WanLocalError as exc:
             return None, f"✗ cannot reuse {Path(path).name}: {exc}"
-        if form.image:
-            self.ctx.allow(form.image)  # the input image (only that file) may be shown in the Generate tab
         return form, f"Settings of {Path(path).name} loaded (seed {form.seed}); change what you like and add it."
 
     def open_output_folder(self) -> str:
@@ -207,9 +205,8 @@ def build_gallery_tab(ctx: AppContext, gen: GenerateTab, tabs: Any, tab: Any) ->
     tab.select(refresh, choice, outputs)
 
     def show(path: str | None) -> list[Any]:
-        if path:
-            ctx.allow(Path(path).parent)
-        return [path if path and Path(path).is_file() else None, handlers.details(path)]
+        shown = bool(path) and ctx.served.show(path)  # a video of an earlier output folder: that file only
+        return [path if shown else None, handlers.details(path)]
 
     choice.change(show, choice, [video, details])
 

@@ -36,7 +36,10 @@ class GenerateTab:
     handlers: GenerateHandlers
 
     def fill(self, form: FormValues, editing: int | None, message: str) -> list[Any]:
-        """Outputs for `fill_outputs`: the form's values (with the task's choices), the edit state, banner, status."""
+        """Outputs for `fill_outputs`: the form's values (with the task's choices), the edit state, banner, status.
+        The form's input image (the store's copy) is shown, that file only."""
+        if form.image and not self.handlers.ctx.served.show(form.image):
+            form = dataclasses.replace(form, image=None)
         return [*form_updates(form), editing, edit_banner(editing), message]
 
     @property

@@ -1,5 +1,6 @@
 """Settings tab: output folder, model folder per task, device, port and LAN access (saved as JSON by
-wan_local.settings; port and LAN access take effect when the app restarts)."""
+wan_local.settings; port and LAN access take effect when the app restarts). An output folder that would let the
+browser download more than videos (see ui.served.output_folder_refusal) is refused with the reason."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ui.context import AppContext
+from ui.served import output_folder_refusal
 from wan_local.settings import DEVICES, SettingsError
 from wan_local.specs import TASKS
 
@@ -33,6 +35,9 @@ class SettingsHandlers:
         output = (output_dir or "").strip() or None
         if output is not None:
             path = Path(output).expanduser()
+            refusal = output_folder_refusal(path, self.ctx.served.private)
+            if refusal is not None:
+                return f"✗ The output folder {path} is not allowed: {refusal}. Choose a folder of its own for videos."
             try:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -50,8 +55,7 @@ class SettingsHandlers:
             self.ctx.settings.save(new)
         except SettingsError as exc:
             return f"✗ {exc}"
-        if output:
-            self.ctx.allow(output)
+        self.ctx.served.rebuild(self.ctx.output_dir())  # the old output folder is not served any more
         restart = ""
         if (new.port, new.listen) != (current.port, current.listen):
             restart = " The port and LAN access change when wan-local restarts."
@@ -78,11 +82,11 @@ def build_settings_tab(ctx: AppContext) -> SettingsHandlers:
         port = gr.Number(value=values[-2], precision=0, label="Port (after a restart)", elem_id="settings-port")
         listen = gr.Checkbox(
             value=values[-1],
-            label="Allow other computers on my network (after a restart; anyone on it can use the app)",
+            label="Allow other computers on my network (after a restart; needs a password: WAN_LOCAL_PASSWORD)",
             elem_id="settings-listen",
         )
     save = gr.Button("Save settings", variant="primary", elem_id="settings-save")
     message = gr.Markdown(elem_id="settings-message")
     gr.Markdown(f"Settings file: `{ctx.settings.path}` · job queue: `{ctx.store.path}`")
-    save.click(handlers.save, [output, *folders, device, port, listen], message)
+    save.click(handlers.save, [output, *folders, device, port, listen], message, api_name="save_settings")
     return handlers

@@ -129,3 +129,27 @@ def test_layout_errors_name_the_real_problem(tiny, tmp_path):
     (ckpt / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config\.json cannot be read"):
         find_checkpoints(ckpt, get_task("ti2v-5B"))
+
+
+def test_a_busy_port_is_one_line_and_the_queue_is_untouched(tmp_path):
+    """A second app on a port already taken says so in one line and exits 2; the queue it opened is intact."""
+    import socket
+
+    from running_app import REPO_ROOT, app_env
+
+    home = tmp_path / "home"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "app.py"), "--port", str(port), "--no-browser", "--no-worker",
+             "--home", str(home)],
+            capture_output=True, text=True, timeout=120, env=app_env(),
+        )  # fmt: skip
+    errors = [line for line in out.stderr.splitlines() if " ERROR " in line or line.startswith("error")]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert len(errors) == 1 and f"port {port} is in use" in errors[0] and "--port" in errors[0]
+    from wan_local.jobs.store import JobStore
+
+    assert JobStore(home / "jobs.sqlite3").list() == []

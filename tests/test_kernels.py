@@ -29,35 +29,21 @@ FA3 = {"flash_attn_interface": "3.0.0b1"}
 SAGE = {"sageattention": "2.2.0"}
 PACKAGES = {"none": {}, "fa2": FA2, "fa3": FA3, "fa2+fa3": {**FA2, **FA3}, "sage": SAGE, "fa2+sage": {**FA2, **SAGE}}
 
-# (capability, installed) -> what "auto" and "flash" give at bf16/fp16: a kernel, or "!" + part of the refusal.
-# The reason of an SDPA choice under "auto" is the same text as the refusal of "flash".
+# What "auto" and "flash" give at bf16/fp16: a kernel, or "!" + part of the refusal (under "auto" the same text is
+# the reason for SDPA), per capability for the installed flash packages none / fa2 / fa3 / fa2+fa3.
 NOT_INSTALLED = "!flash-attn is not installed"
-FA3_HOPPER_ONLY = "!FlashAttention-3 runs on Hopper (sm90) only, this GPU is "
+FA2_AMPERE = "FlashAttention-2 needs an Ampere (sm80) or newer GPU, this GPU is sm75"
+FA3_HOPPER = "!FlashAttention-3 runs on Hopper (sm90) only, this GPU is "
+FLASH_ROWS = {
+    SM75: (NOT_INSTALLED, "!" + FA2_AMPERE, FA3_HOPPER + "sm75", f"{FA3_HOPPER}sm75; {FA2_AMPERE}"),
+    SM86: (NOT_INSTALLED, "flash2", FA3_HOPPER + "sm86", "flash2"),
+    SM89: (NOT_INSTALLED, "flash2", FA3_HOPPER + "sm89", "flash2"),
+    SM90: (NOT_INSTALLED, "flash2", "flash3", "flash3"),
+    SM100: (NOT_INSTALLED, "flash2", FA3_HOPPER + "sm100", "flash2"),
+    SM120: (NOT_INSTALLED, "flash2", FA3_HOPPER + "sm120", "flash2"),
+}
 FLASH = {
-    (SM75, "none"): NOT_INSTALLED,
-    (SM75, "fa2"): "!FlashAttention-2 needs an Ampere (sm80) or newer GPU, this GPU is sm75",
-    (SM75, "fa3"): FA3_HOPPER_ONLY + "sm75",
-    (SM75, "fa2+fa3"): FA3_HOPPER_ONLY + "sm75; FlashAttention-2 needs an Ampere (sm80) or newer GPU",
-    (SM86, "none"): NOT_INSTALLED,
-    (SM86, "fa2"): "flash2",
-    (SM86, "fa3"): FA3_HOPPER_ONLY + "sm86",
-    (SM86, "fa2+fa3"): "flash2",
-    (SM89, "none"): NOT_INSTALLED,
-    (SM89, "fa2"): "flash2",
-    (SM89, "fa3"): FA3_HOPPER_ONLY + "sm89",
-    (SM89, "fa2+fa3"): "flash2",
-    (SM90, "none"): NOT_INSTALLED,
-    (SM90, "fa2"): "flash2",
-    (SM90, "fa3"): "flash3",
-    (SM90, "fa2+fa3"): "flash3",
-    (SM100, "none"): NOT_INSTALLED,
-    (SM100, "fa2"): "flash2",
-    (SM100, "fa3"): FA3_HOPPER_ONLY + "sm100",
-    (SM100, "fa2+fa3"): "flash2",
-    (SM120, "none"): NOT_INSTALLED,
-    (SM120, "fa2"): "flash2",
-    (SM120, "fa3"): FA3_HOPPER_ONLY + "sm120",
-    (SM120, "fa2+fa3"): "flash2",
+    (gpu, key): row[i] for gpu, row in FLASH_ROWS.items() for i, key in enumerate(("none", "fa2", "fa3", "fa2+fa3"))
 }
 # capability -> "sage" at bf16/fp16 with SageAttention 2.2.0 installed (without it: "not installed" everywhere).
 SAGE_TABLE = {

@@ -259,19 +259,36 @@ def test_per_token_timesteps_errors() -> None:
         per_token_timesteps(torch.ones(2, 3, 4), 3)
 
 
-def test_attention_backend_context(monkeypatch):
-    """The backend in effect is scoped to its context; SDPA is used on the CPU whatever is asked."""
+def test_attention_kernel_context():
+    """The job's kernel is scoped to its context; CPU tensors run SDPA whatever the kernel (no import tried)."""
     from wan_local.models import attention as attn
 
     q = torch.randn(1, 5, 2, 8)
     expected = attn.attention(q, q, q)
-    for name in attn.BACKENDS:
-        with attn.use_backend(name):
-            assert attn._backend.get() == name
+    for name in attn.ATTENTION_KERNELS:
+        with attn.use_kernel(name):
+            assert attn._kernel.get() == name
             assert torch.equal(attn.attention(q, q, q), expected)
-    assert attn._backend.get() == "auto"
-    with pytest.raises(ValueError, match="not one of"), attn.use_backend("xformers"):
+    assert attn._kernel.get() == "sdpa"
+    with pytest.raises(ValueError, match="not one of"), attn.use_kernel("auto"):
         pass
+
+
+def test_a_kernel_package_that_does_not_import(monkeypatch):
+    """Found but broken (a wheel for another torch): "auto" runs SDPA and says why; "flash" is refused."""
+    from wan_local.kernels import Choice
+    from wan_local.models import attention as attn
+
+    def broken(kernel):
+        raise ImportError("undefined symbol: _ZN3c10")
+
+    monkeypatch.setattr(attn, "kernel_function", broken)
+    flash = Choice("flash2", "FlashAttention-2 2.8.3 on sm89, bf16")
+    assert attn.load_kernel(Choice("sdpa", "x"), "flash") == Choice("sdpa", "x")
+    fallback = attn.load_kernel(flash, "auto")
+    assert fallback.kernel == "sdpa" and "flash2 is installed but does not import (undefined symbol" in fallback.reason
+    with pytest.raises(InputError, match="--attention flash: flash2 is installed but does not import"):
+        attn.load_kernel(flash, "flash")
 
 
 # ------------------------------------------------------------------------------ memory-lean block: same numerics

@@ -10,6 +10,7 @@ import torch
 from conftest import rel_l2
 
 from wan_local import pipeline as pipeline_module
+from wan_local.errors import InputError
 from wan_local.memory import experts as experts_module
 from wan_local.memory.options import MemoryOptions
 from wan_local.memory.vae_tiling import default_overlap, tiled_decode
@@ -161,14 +162,13 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny, tmp_path, solve
     assert torch.equal(resumed.video, full.video)
 
 
-def test_fp8_compute_option_falls_back_to_dequant_off_gpu(tiny, tmp_path):
-    """--quant-compute scaled_mm reaches the quantized Linears; without an sm89+ GPU they dequantize (same bits)."""
-    runs = {}
-    for compute in ("dequant", "scaled_mm"):
-        memory = MemoryOptions(quant="fp8", quant_compute=compute)
-        pipe = WanPipeline(tiny / "t2v-A14B", "t2v-A14B", "cpu", torch.float32, memory, cache_dir=tmp_path)
-        runs[compute] = pipe.generate(_settings(steps=2)).latent
-        linear = pipe.experts("low_noise").blocks[0].ffn[0]
-        assert linear.compute == compute
-        pipe.close()
-    assert torch.equal(runs["dequant"], runs["scaled_mm"])
+def test_fp8_compute_option_reaches_the_linears_and_a_cpu_pipeline_refuses_it(tiny, tmp_path):
+    """--quant-compute scaled_mm reaches the quantized Linears; a CPU pipeline refuses it before denoising (there is
+    no FP8 GEMM to honour it; on the CPU those Linears would dequantize bit for bit: tests/test_fp8_gemm.py)."""
+    memory = MemoryOptions(quant="fp8", quant_compute="scaled_mm")
+    pipe = WanPipeline(tiny / "t2v-A14B", "t2v-A14B", "cpu", torch.float32, memory, cache_dir=tmp_path)
+    with pytest.raises(InputError, match=r"scaled_mm needs a CUDA GPU .* use --quant-compute dequant"):
+        pipe.generate(_settings(steps=2))
+    assert pipe.experts.loads == []  # refused before any expert loaded
+    assert pipe.experts("low_noise").blocks[0].ffn[0].compute == "scaled_mm"
+    pipe.close()

@@ -71,7 +71,9 @@ def add_memory_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--quant", choices=m.QUANT_MODES, help="storage of the DiT block weights")
     g.add_argument("--quant-scope", choices=m.QUANT_SCOPES, help="quantize all block Linears or only the FFNs")
     g.add_argument(
-        "--quant-compute", choices=m.QUANT_COMPUTE, help="dequant (bf16 matmuls) or scaled_mm (FP8 matmuls, sm89+)"
+        "--quant-compute",
+        choices=m.QUANT_COMPUTE,
+        help="dequant (bf16 matmuls) or scaled_mm (FP8 matmuls; needs an sm89+ GPU)",
     )
     g.add_argument("--offload", choices=m.OFFLOAD_MODES, help="stream DiT blocks from RAM: none, blocks, full, auto")
     g.add_argument("--vram-budget-gb", type=float, help="VRAM the engine may use (default: the free VRAM)")
@@ -79,7 +81,11 @@ def add_memory_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pinned-ram-cap-gb", type=float, help="most page-locked RAM to use for streaming")
     g.add_argument("--keep-idle-expert", choices=m.IDLE_EXPERT_POLICIES, help="A14B: keep the unused expert in RAM")
     g.add_argument("--vae-tiling", choices=m.VAE_TILING, help="spatial tiling of the VAE")
-    g.add_argument("--attention", choices=m.ATTENTION_BACKENDS, help="attention kernel")
+    g.add_argument(
+        "--attention",
+        choices=m.ATTENTION_BACKENDS,
+        help="attention kernel: auto (FlashAttention where it runs, else SDPA), sdpa, flash, sage (8-bit, lossy)",
+    )
 
 
 def add_force_option(parser: argparse.ArgumentParser) -> None:

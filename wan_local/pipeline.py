@@ -10,6 +10,7 @@ with bf16 weights, the VAE in float32; `dtype=torch.float32` gives the float32 r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -24,13 +25,15 @@ from PIL import Image
 from wan_local import __version__, paths
 from wan_local.engine.request import GenerationSettings
 from wan_local.errors import InputError, WanLocalError
+from wan_local.kernels import JobKernels, choose_kernels, detect_software
 from wan_local.machine import detect_machine
 from wan_local.memory.estimate import JobEstimate, estimate_job
 from wan_local.memory.experts import ExpertSlots
 from wan_local.memory.options import MemoryOptions
 from wan_local.memory.plan import ResidencyPlan
 from wan_local.memory.vae_tiling import choose_tile, default_overlap, tiled_decode, tiled_encode
-from wan_local.models.attention import use_backend as use_attention_backend
+from wan_local.models.attention import load_kernel as load_attention_kernel
+from wan_local.models.attention import use_kernel as use_attention_kernel
 from wan_local.prompt import PromptTokenizer
 from wan_local.sampling import conditioning as cond
 from wan_local.sampling.denoise import LOW_NOISE, CancelToken, Guidance, StepEvent, denoise
@@ -112,6 +115,12 @@ class WanPipeline:
         components = component_bytes_for_checkpoint(self.ckpt_dir, self.spec.name)
         machine = detect_machine()
         return estimate_job(s.task, s.size, s.frames, s.steps, self.memory, machine, config, components=components)
+
+    def kernels(self) -> JobKernels:
+        """The attention kernel and FP8 GEMM for this pipeline's device, dtype and memory options."""
+        capability = tuple(torch.cuda.get_device_capability(self.device)) if self.device.type == "cuda" else None
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+        return choose_kernels(self.memory.attention, self.memory.quant_compute, capability, detect_software(), dtype)
 
     def encode_prompts(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Trimmed UMT5 contexts [L, text_dim] on the device, from the prompt cache or from UMT5 on the CPU.
@@ -207,16 +216,24 @@ class WanPipeline:
         cancel: CancelToken | None = None,
         resume: tuple[torch.Tensor, dict] | None = None,
         plan: ResidencyPlan | None = None,
+        kernels: JobKernels | None = None,
     ) -> GenerationResult:
         """Run all stages; `on_stage(name)` is told when each starts, `on_step` after every denoise step.
 
         resume: (latent, solver state) taken from a StepEvent of an earlier, interrupted run of the same settings;
         denoising continues after that step and the result equals an uninterrupted run.
         plan: the admitted residency plan (wan_local.engine); None plans here (`estimate`).
+        kernels: the job's resolved kernels (wan_local.engine); None chooses them here (`kernels`), raising
+        InputError for an explicit kernel this machine cannot run before anything loads.
         """
         s = settings.resolve()
         if s.task != self.spec.name:
             raise InputError(f"this pipeline runs {self.spec.name}, not {s.task}")
+        kernels = kernels or self.kernels()
+        kernels = dataclasses.replace(
+            kernels, attention=load_attention_kernel(kernels.attention, self.memory.attention)
+        )
+        log.info("kernels: %s", kernels.describe())
         timings: dict[str, float] = {}
 
         def stage(name: str) -> None:
@@ -257,7 +274,7 @@ class WanPipeline:
             )
             if self.spec.two_experts:
                 self.experts.prefetch(LOW_NOISE)  # read while the high-noise expert computes, if RAM allows
-            with torch.no_grad(), use_attention_backend(self.memory.attention):
+            with torch.no_grad(), use_attention_kernel(kernels.attention.kernel):
                 solver = make_solver(s.solver, schedule)
                 resume_state = resume[1] if resume else None
                 latent = denoise(

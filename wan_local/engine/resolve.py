@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wan_local.engine.request import GenerationSettings, JobSettings
 from wan_local.errors import CheckpointError, InputError
+from wan_local.kernels import JobKernels, Software, choose_kernels, detect_software
 from wan_local.machine import MachineInfo
 from wan_local.memory.bytes import BF16_BYTES, ComponentBytes
 from wan_local.memory.options import MemoryOptions
@@ -115,7 +116,8 @@ class ResolvedJob:
     and UMT5's run dtype). requested: the preset asked for ("auto" resolved for this machine); presets: all
     loaded presets (for the fallback chain). overrides: the memory options the user set explicitly, kept on top
     of whichever preset runs. machine: the facts every verdict about this job uses (for a CPU job, with no GPU).
-    checkpoint: None when no folder was given (estimates then assume the official files).
+    checkpoint: None when no folder was given (estimates then assume the official files). software: the torch
+    version, platform and attention packages the kernel choices depend on.
     """
 
     job: JobSettings
@@ -128,6 +130,7 @@ class ResolvedJob:
     overrides: Mapping[str, Any]
     machine: MachineInfo
     checkpoint: CheckpointInfo | None = None
+    software: Software = field(default_factory=Software)
 
     @property
     def dtype_bytes(self) -> int:
@@ -136,6 +139,12 @@ class ResolvedJob:
     def memory(self, preset: Preset) -> MemoryOptions:
         """`preset`'s memory options with the user's explicit overrides on top."""
         return dataclasses.replace(preset.memory, **self.overrides)
+
+    def kernels(self, memory: MemoryOptions) -> JobKernels:
+        """The attention kernel and FP8 GEMM this job runs with `memory`'s options on its machine (InputError for
+        an explicit kernel the machine cannot run)."""
+        capability = self.machine.cuda_capability if self.device == "cuda" else None
+        return choose_kernels(memory.attention, memory.quant_compute, capability, self.software, self.dtype)
 
     def components(self) -> ComponentBytes | None:
         """UMT5 (at the run dtype) and VAE (float32) bytes of the checkpoint, None without one."""
@@ -201,6 +210,9 @@ def resolve_job(
         overrides=dict(job.memory),
         machine=machine,
         checkpoint=checkpoint,
+        software=detect_software(),
     )
-    resolved.memory(requested)  # an override that no preset can take fails here
+    memory = resolved.memory(requested)  # an override that no preset can take fails here
+    if device == "cpu" or machine.cuda_capability is not None:  # (an estimate for a GPU named only by its VRAM)
+        resolved.kernels(memory)  # an explicit kernel this machine cannot run (--attention flash ...) fails here
     return resolved

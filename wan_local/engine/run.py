@@ -2,7 +2,7 @@
 
 `Pipelines` holds the loaded pipelines of this process (at most `keep`, least recently used dropped first) so
 that a worker running several jobs of one model reads it once. `run_job` logs the plan on every device, then
-generates with exactly the files, options and plan the job was resolved and admitted with.
+generates with exactly the files, options, plan and kernels the job was resolved and admitted with.
 """
 
 from __future__ import annotations
@@ -81,6 +81,9 @@ def run_job(
     preset = admission.preset
     log.info("memory preset %s: %s", preset.name if preset else "-", admission.memory)
     log.info("plan: %s", "; ".join(plan_lines(admission)))
+    kernels = job.kernels(admission.memory)
     pipeline = pipelines.get(job, admission.memory)
     plan = admission.estimate.plan if admission.estimate is not None else None
-    return pipeline.generate(job.settings, on_step=on_step, on_stage=on_stage, cancel=cancel, resume=resume, plan=plan)
+    return pipeline.generate(
+        job.settings, on_step=on_step, on_stage=on_stage, cancel=cancel, resume=resume, plan=plan, kernels=kernels
+    )

@@ -26,7 +26,8 @@ class MemoryOptions:
     quant: storage of the DiT blocks' Linear weights ("none" keeps bf16).
     quant_scope: "all" block linears, or "ffn" only (FP8 on attention hurts long videos).
     quant_compute: "dequant" (weights dequantized to bf16 inside each Linear) or "scaled_mm" (FP8 matmuls with
-        torch._scaled_mm on sm89+ GPUs, activations quantized on the fly; falls back to dequant elsewhere).
+        torch._scaled_mm on sm89+ GPUs, activations quantized on the fly per token; a job asking for it on a
+        machine without FP8 GEMMs is refused: wan_local.kernels).
     offload: "none" (everything resident), "blocks" (stream the blocks that do not fit), "full" (stream every
         block), "auto" (the planner picks the least streaming that fits).
     vram_budget_gb: VRAM the engine may use; None measures the free VRAM of the device.
@@ -34,7 +35,8 @@ class MemoryOptions:
     pinned_ram_cap_gb: most page-locked host memory to allocate for streaming; None lets the planner decide.
     keep_idle_expert: A14B only: keep the expert not in use in RAM ("keep"), free it ("drop"), or decide from RAM.
     vae_tiling: spatial tiling of the VAE decode.
-    attention: attention kernel; "auto" uses flash-attn / SageAttention when installed, else PyTorch SDPA.
+    attention: attention kernel; "auto": FlashAttention-3 / -2 where installed and supported, else PyTorch SDPA;
+        "flash" / "sage": that kernel or the job is refused (wan_local.kernels); "sdpa": PyTorch SDPA.
     """
 
     quant: str = "none"

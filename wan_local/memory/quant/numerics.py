@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wan_local.errors import CheckpointError, InputError
+from wan_local.kernels import current_platform, fp8_gemm_kind
 from wan_local.memory.options import QUANT_COMPUTE, QUANT_SCOPES
 
 MODES = ("int8", "fp8")
@@ -112,15 +113,35 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 # --------------------------------------------------------------------------------------------- QuantLinear
 
 
-@functools.lru_cache(maxsize=8)
-def _fp8_gemm_kind(device: torch.device) -> str | None:
-    """ "rowwise" (sm90+), "tensorwise" (sm89) or None: which torch._scaled_mm scaling the GPU supports."""
-    if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) >= (9, 0):
-        return "rowwise"
-    return "tensorwise" if (major, minor) >= (8, 9) else None
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_EPILOGUE_BYTES = 1 << 28  # tensor-wise path: fp32 accumulator rows per step (bounded to 256 MiB)
+
+
+@functools.lru_cache(maxsize=16)
+def fp8_gemm(device: torch.device, dtype: torch.dtype) -> str:
+    """ "rowwise", "tensorwise" or "dequant": how FP8 weights multiply on `device` at compute `dtype` (the pure
+    `wan_local.kernels.fp8_gemm_kind` of this device's capability, this torch and this platform)."""
+    capability = tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+    name = _DTYPE_NAMES.get(dtype, "fp32")
+    return fp8_gemm_kind(capability, torch.__version__, current_platform(), name).kernel
+
+
+@functools.lru_cache(maxsize=16)
+def _ones(device: torch.device, shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 tensor of ones, made once per device and shape (unit scales for torch._scaled_mm)."""
+    return torch.ones(shape, dtype=torch.float32, device=device)
+
+
+def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn [M, K], float32 [M, 1]) with x ≈ q · scale, one scale per row (token).
+
+    The scale is absmax / 448 rounded to x's dtype (at least its smallest normal, so fp16 never divides by zero),
+    so that the division runs in x's dtype (no float32 copy of x) and the GEMM uses the very value divided by.
+    """
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True, dtype=torch.float32)
+    scale = (amax / FP8_MAX).clamp_min_(torch.finfo(x.dtype).tiny).to(x.dtype)
+    q = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous()  # row-major for _scaled_mm
+    return q, scale.float()
 
 
 def scaled_mm_linear(
@@ -128,34 +149,45 @@ def scaled_mm_linear(
     weight: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    rowwise: bool,
+    dtype: torch.dtype,
+    gemm: str,
 ) -> torch.Tensor:
-    """x [..., in] @ (weight · scale)ᵀ + bias with an FP8 GEMM: activations quantized on the fly to float8_e4m3fn.
+    """x [..., in] @ (weight · scale)ᵀ + bias with an FP8 GEMM; returns [..., out] in `dtype` (bf16 / fp16).
 
-    rowwise: one activation scale per token and the weight scale per output row. Otherwise one activation scale
-    for the whole input, and a per-row weight scale is applied to the output. Accumulation is not "fast" (fp8
-    fast accumulation degrades Wan, engine notes §3). weight is float8_e4m3fn [out, in]; in and out must be
-    multiples of 16. Returns [..., out] in `out_dtype`.
+    x is cast to `dtype` (as F.linear under autocast does) and quantized on the fly to float8_e4m3fn with one
+    scale per token. weight is float8_e4m3fn [out, in] (in and out multiples of 16), scale float32 [out] or [].
+    gemm "rowwise": torch._scaled_mm applies the token and weight-row scales and the bias in its fp32 epilogue.
+    gemm "tensorwise" (GPUs and torch builds without row-wise scales): torch._scaled_mm with unit scales
+    accumulates in fp32; the token and row scales and the bias are applied to that fp32 result, a bounded number
+    of tokens at a time. Either way the result is rounded to `dtype` once. Accumulation is not "fast" (fp8 fast
+    accumulation degrades Wan, engine notes §3).
     """
-    x2 = x.reshape(-1, x.shape[-1])  # [M, in]
-    n = weight.shape[0]
-    dims = {"dim": 1, "keepdim": True} if rowwise else {}
-    amax = torch.linalg.vector_norm(x2, ord=float("inf"), dtype=torch.float32, **dims)  # [M, 1] or []
-    # The scale is rounded to x's dtype first so that the division and the GEMM use the very same value.
-    scale_a = (amax.clamp_min(1e-12) / FP8_MAX).to(x2.dtype).float()
-    xq = (x2 / scale_a.to(x2.dtype)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    per_row = scale.dim() > 0
-    if rowwise:
-        scale_b = scale.float().reshape(1, -1).expand(1, n).contiguous()
-    else:
-        scale_b = torch.ones((), dtype=torch.float32, device=x.device) if per_row else scale.float().reshape(())
-    out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
-    out = out[0] if isinstance(out, tuple) else out  # torch 2.4 returned (out, amax)
-    if per_row and not rowwise:
-        out = out * scale.to(out_dtype)
-    if bias is not None:
-        out = out + bias.to(out_dtype)
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # [M, in]
+    m, n = x2.shape[0], weight.shape[0]
+    w = weight.t()  # [in, out], column-major as _scaled_mm wants it
+    b = None if bias is None else bias.to(dtype)  # rounded as nn.Linear's bias is under autocast
+    if gemm == "rowwise":
+        xq, scale_a = _quantize_rows(x2)
+        if scale.dim():
+            scale_b = scale.reshape(1, n)
+        else:
+            scale_a, scale_b = scale_a * scale, _ones(x.device, (1, n))
+        out = torch._scaled_mm(xq, w, scale_a=scale_a, scale_b=scale_b, bias=b, out_dtype=dtype)
+        out = out[0] if isinstance(out, tuple) else out  # torch 2.4 returned (out, amax)
+        return out.reshape(*x.shape[:-1], n)
+    if gemm != "tensorwise":
+        raise ValueError(f"gemm {gemm!r} is not rowwise or tensorwise")
+    unit = _ones(x.device, ())
+    out = torch.empty(m, n, dtype=dtype, device=x.device)
+    rows = max(16, _EPILOGUE_BYTES // (4 * n))
+    for start in range(0, m, rows):
+        xq, scale_a = _quantize_rows(x2[start : start + rows])
+        acc = torch._scaled_mm(xq, w, scale_a=unit, scale_b=unit, out_dtype=torch.float32)
+        acc = acc[0] if isinstance(acc, tuple) else acc
+        acc.mul_(scale_a).mul_(scale)  # per token, per output row (or per layer)
+        if b is not None:
+            acc.add_(b)
+        out[start : start + rows].copy_(acc)
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -164,8 +196,10 @@ class QuantLinear(nn.Module):
 
     bias [out] stays in a high-precision dtype. forward dequantizes to the compute dtype (the autocast dtype when
     autocast is on for x's device, else x's dtype) and calls F.linear, so output dtypes are those of nn.Linear under
-    the same autocast state. compute="scaled_mm" runs float8_e4m3fn layers through torch._scaled_mm on CUDA sm89+
-    when the compute dtype is bf16/fp16 and the sizes are multiples of 16; everywhere else it dequantizes.
+    the same autocast state. compute="scaled_mm" runs float8_e4m3fn layers with sizes that are multiples of 16
+    through `scaled_mm_linear` wherever `fp8_gemm` finds an FP8 GEMM (CUDA sm89+, bf16/fp16 compute); everywhere
+    else (the CPU) it dequantizes, bit for bit as compute="dequant". A job asking for scaled_mm where no FP8 GEMM
+    exists is refused before it loads (`wan_local.kernels.choose_fp8_gemm`).
     State-dict keys: `weight`, `scale`, `bias`. `.to(dtype)` / `.half()` move the storage but keep its dtypes.
     """
 
@@ -217,21 +251,16 @@ class QuantLinear(nn.Module):
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
-        if self.compute == "scaled_mm" and self._scaled_mm_ok(x, dtype):
-            rowwise = _fp8_gemm_kind(x.device) == "rowwise"
-            return scaled_mm_linear(x, self.weight, self.scale, self.bias, dtype, rowwise)
+        if self.compute == "scaled_mm" and self._fp8_sizes_ok():
+            gemm = fp8_gemm(x.device, dtype)
+            if gemm != "dequant":
+                return scaled_mm_linear(x, self.weight, self.scale, self.bias, dtype, gemm)
         bias = None if self.bias is None else self.bias.to(dtype)
         # Under autocast F.linear casts x to the autocast dtype exactly as it does for nn.Linear.
         return F.linear(x, dequantize(self.weight, self.scale, dtype), bias)
 
-    def _scaled_mm_ok(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
-        return (
-            self.weight.dtype == torch.float8_e4m3fn
-            and dtype in (torch.bfloat16, torch.float16)
-            and self.in_features % 16 == 0
-            and self.out_features % 16 == 0
-            and _fp8_gemm_kind(x.device) is not None
-        )
+    def _fp8_sizes_ok(self) -> bool:
+        return self.weight.dtype == torch.float8_e4m3fn and self.in_features % 16 == 0 and self.out_features % 16 == 0
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantLinear:
         # Module.to(dtype), .half(), .float() convert every floating tensor, float8 weights and the float32 scale

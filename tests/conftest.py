@@ -12,6 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: budgets.md's reference jobs: task, width, height, frames.
+REFERENCE_JOBS = {
+    "a14b-480p": ("t2v-A14B", 832, 480, 81),
+    "a14b-720p": ("t2v-A14B", 1280, 720, 81),
+    "5b-720p": ("ti2v-5B", 1280, 704, 121),
+}
 
 # Everything the code under test writes to "user" folders (queue, settings, caches) goes to a scratch folder,
 # never to the developer's real ones. Subprocesses inherit it.

@@ -318,6 +318,18 @@ def _reference_block_forward(block, x, e0, context, rope, t_index):
     return x + block.ffn(b) * m[5]
 
 
+def _reference_head_forward(head, x, e, t_index):
+    """Head maths written the straightforward way: shift and scale gathered for every token."""
+    with dit_module._fp32_region(x.device.type):
+        shift, scale = (m[t_index] for m in (head.modulation[0].float() + e.unsqueeze(1)).unbind(1))
+        return dit_module.fp32_linear(head.head, head.norm(x).float() * (1 + scale) + shift)
+
+
+def _reference_forwards(m: pytest.MonkeyPatch) -> None:
+    m.setattr(dit_module.DiTBlock, "forward", _reference_block_forward)
+    m.setattr(dit_module.Head, "forward", _reference_head_forward)
+
+
 def _golden_run(model: WanDiT, g: dict, autocast: bool) -> torch.Tensor:
     y = g["y"][None] if "y" in g else None
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -325,9 +337,9 @@ def _golden_run(model: WanDiT, g: dict, autocast: bool) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["dit_t2v", "dit_i2v", "dit_ti2v"])
-def test_lean_block_is_bit_identical_to_the_reference_expressions(name, tiny, cases, golden, monkeypatch):
-    """Freed temporaries, in-place RoPE / GELU / residual adds and the early bf16 casts change no bit: fp32,
-    bf16 autocast with fp32 weights and with bf16 weights (the pipeline's regime), batch 1 and 2."""
+def test_lean_block_and_head_are_bit_identical_to_the_reference_expressions(name, tiny, cases, golden, monkeypatch):
+    """Freed temporaries, in-place RoPE / GELU / residual adds / head modulation and the early bf16 casts change no
+    bit: fp32, bf16 autocast with fp32 weights and with bf16 weights (the pipeline's regime), batch 1 and 2."""
     g = golden(name)
     model = _load_official_dit(tiny / cases[name]["checkpoint"])
     g2 = dict(g, x=g["x"].flip(-1), context=g["context"][:3])  # a second, different sample
@@ -338,7 +350,7 @@ def test_lean_block_is_bit_identical_to_the_reference_expressions(name, tiny, ca
         for autocast in (False, True) if weights == torch.float32 else (True,):
             lean = _golden_run(model, g, autocast)
             with monkeypatch.context() as m:
-                m.setattr(dit_module.DiTBlock, "forward", _reference_block_forward)
+                _reference_forwards(m)
                 reference = _golden_run(model, g, autocast)
             assert torch.equal(lean, reference), (weights, autocast)
     model = model.float()
@@ -347,7 +359,7 @@ def test_lean_block_is_bit_identical_to_the_reference_expressions(name, tiny, ca
     y = torch.cat([g["y"][None]] * 2) if "y" in g else None
     with torch.inference_mode():
         lean = model(x, t, [g["context"], g2["context"]], y=y)
-        monkeypatch.setattr(dit_module.DiTBlock, "forward", _reference_block_forward)
+        _reference_forwards(monkeypatch)
         assert torch.equal(lean, model(x, t, [g["context"], g2["context"]], y=y))
 
 

@@ -131,7 +131,9 @@ def test_vae_tiling_on_decodes_through_tiles(tiny, tmp_path, golden, monkeypatch
     assert torch.equal(video, expected)
     assert not torch.equal(video, pipe.vae.decode(latent[None])[0]), "the latent was really split into tiles"
     off = WanPipeline(tiny / "ti2v-5B", "ti2v-5B", "cpu", torch.float32, cache_dir=tmp_path)
-    assert rel_l2(off.decode(latent), golden("ti2v_5b_t2v")["video"]) <= 1e-5, "auto without a plan: untiled"
+    untiled = off.decode(latent)
+    assert rel_l2(untiled, golden("ti2v_5b_t2v")["video"]) <= 1e-5, "auto without a plan: untiled"
+    assert torch.equal(untiled, off.vae.decode(latent[None])[0]), "one tile covering the latent is vae.decode"
 
 
 @pytest.mark.parametrize("solver", ["unipc", "dpm++", "euler"])

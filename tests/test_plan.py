@@ -1,5 +1,5 @@
-"""Residency planner: byte counts against the real model and budgets.md, activations against a traced block,
-and plans at the sizes users have (16 / 24 GB cards, 32 / 64 GB RAM)."""
+"""Residency planner: byte counts against the real model and budgets.md, activation terms against budgets.md (and
+against traced forwards in test_live_bytes.py), and plans at the sizes users have (16 / 24 GB cards, 32 / 64 GB RAM)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import REFERENCE_JOBS
 from safetensors.torch import save_file
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from wan_local.errors import CheckpointError, InputError
 from wan_local.memory import bytes as B
 from wan_local.memory import plan as P
 from wan_local.memory.options import MemoryOptions
 from wan_local.memory.quant.numerics import is_quant_target
-from wan_local.models.dit import DiTBlock, WanDiT
+from wan_local.models.dit import WanDiT
 from wan_local.models.rope import ROPE_CHUNK_TOKENS
 from wan_local.models.timesteps import MOD_CHUNK_TOKENS
 from wan_local.specs import get_task
@@ -34,11 +32,7 @@ GB = 1e9
 FREE_16, FREE_24 = 15 * GIB, 23 * GIB
 RESERVE = GIB
 RAM_32, RAM_64 = 29 * GIB, 61 * GIB  # available RAM of 32 / 64 GiB machines (~3 GiB for the OS)
-JOBS = {  # budgets.md's reference jobs: task, width, height, frames
-    "a14b-480p": ("t2v-A14B", 832, 480, 81),
-    "a14b-720p": ("t2v-A14B", 1280, 720, 81),
-    "5b-720p": ("ti2v-5B", 1280, 704, 121),
-}
+JOBS = REFERENCE_JOBS
 
 
 # ------------------------------------------------------------------------------------------------ model bytes
@@ -207,74 +201,6 @@ def test_activation_terms_agree_with_budgets(job, residual_gb, ffn_gb, qkv_gb):
     assert terms.residual_bytes / GB == pytest.approx(residual_gb, abs=0.006)
     assert terms.ffn_hidden_bytes / GB == pytest.approx(ffn_gb, abs=0.006)
     assert terms.qkv_bytes / GB == pytest.approx(qkv_gb, abs=0.006)
-
-
-class _LiveBytes(TorchDispatchMode):
-    """Peak total bytes of the tensor storages that ops create while active (inputs, weights, views excluded)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        returns = func._schema.returns
-        for i, t in enumerate(outs):
-            aliases = returns[min(i, len(returns) - 1)].alias_info is not None  # views / in-place: no new storage
-            if isinstance(t, torch.Tensor) and not aliases and t.untyped_storage()._cdata not in self.live:
-                s = t.untyped_storage()
-                self.live[s._cdata] = (StorageWeakRef(s), s.nbytes())
-        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
-        return out
-
-
-def _traced_block_peak(task: str, tokens: int, per_token_t: bool, ffn_chunk_tokens: int | None = None) -> int:
-    """Live-bytes peak of one real DiTBlock forward at full size under bf16 autocast (fake tensors: no memory)."""
-    cfg = B.official_dit_config(task)
-    c = cfg.dim
-    with FakeTensorMode():
-        block = DiTBlock(cfg)
-        for module in block.modules():  # bf16 parameters, as loaded for a bf16 run
-            for name, p in module.named_parameters(recurse=False):
-                setattr(module, name, nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False))
-        block.ffn_chunk_tokens = ffn_chunk_tokens
-        x = torch.empty(1, tokens, c)  # a block's input: fp32 (blocks >= 1)
-        e0 = torch.empty(2 if per_token_t else 1, 6, c)
-        context = torch.empty(1, cfg.text_len, c, dtype=torch.bfloat16)
-        rope = torch.empty(tokens, 1, cfg.head_dim // 2, dtype=torch.complex128)
-        t_index = torch.zeros(1, tokens if per_token_t else 1, dtype=torch.long)
-        tracker = _LiveBytes()
-        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), tracker:
-            out = block(x, e0, context, rope, t_index)
-        assert out.shape == x.shape and out.dtype == torch.float32
-    return tracker.peak
-
-
-@pytest.mark.parametrize("chunk", [None, 4096, 5000])
-@pytest.mark.parametrize("job", list(JOBS))
-def test_activation_model_matches_a_traced_block(job, chunk):
-    task, w, h, f = JOBS[job]
-    tokens = B.tokens_for(get_task(task), w, h, f)
-    terms = B.activation_terms(B.official_dit_config(task), tokens, chunk)
-    traced = _traced_block_peak(task, tokens, per_token_t=task == "ti2v-5B", ffn_chunk_tokens=chunk)
-    assert terms.block_peak_bytes == pytest.approx(traced, rel=1e-4)
-    # The peak of the forward adds the block's input residual and what lives through the forward.
-    persistent = terms.rope_table_bytes + terms.context_bytes + terms.sampler_bytes
-    assert terms.peak_bytes == terms.residual_bytes + terms.block_peak_bytes + persistent
-
-
-@pytest.mark.parametrize(
-    "task, tokens, chunk",
-    [("t2v-A14B", 100, None), ("t2v-A14B", 5000, 1000), ("ti2v-5B", 700, None), ("ti2v-5B", 9000, 3000)],
-)
-def test_activation_model_holds_for_short_videos_and_odd_chunks(task, tokens, chunk):
-    """Short sequences (context-sized cross-attention, one RoPE / modulation chunk) and chunks not dividing L."""
-    terms = B.activation_terms(B.official_dit_config(task), tokens, chunk)
-    traced = _traced_block_peak(task, tokens, per_token_t=task == "ti2v-5B", ffn_chunk_tokens=chunk)
-    assert terms.block_peak_bytes == pytest.approx(traced, rel=1e-4)
 
 
 def test_block_peak_is_about_ten_residual_widths():

@@ -21,8 +21,8 @@ from torch import nn
 
 from wan_local.errors import InputError
 from wan_local.memory import vae_tiling as vt
+from wan_local.memory.live_bytes import LiveStorageTracker
 from wan_local.memory.vae_tiling import (
-    LiveStorageTracker,
     choose_tile,
     decode_bytes_estimate,
     decode_output_bytes,

@@ -35,6 +35,8 @@ VAE_PARAMS = {"wan2.1": 126_892_531, "wan2.2": 704_688_668}
 ROPE_CHUNK_TOKENS = 8192
 #: models.timesteps gathers per-token (TI2V) modulation rows for this many tokens at a time.
 MOD_CHUNK_TOKENS = 4096
+#: Latent-sized float32 tensors the sampler holds around a forward (noise, outputs, guidance, solver history).
+SAMPLER_LATENTS = 8
 #: Token chunks tried for the FFN when activations do not fit, largest first.
 
 # Official hyper-parameters per model type (fact sheet §1.1), for estimates made before a checkpoint is read.
@@ -198,11 +200,13 @@ class ActivationTerms:
                          models are assumed to use them), else fp32 [1, C].
     rope_table_bytes     complex128 [L, D/2] RoPE multipliers, built once per forward.
     rope_temp_bytes      one RoPE chunk: float64 copy (rotated in place) + its fp32 rounding, 12 · min(L, 8192) · C.
-    context_bytes        text: two raw contexts (cond, uncond) fp32 [text_len, text_dim], the padded copy, the
-                         embedded bf16 [text_len, C].
-    sampler_bytes        latent-sized fp32 tensors of the sampler (noise, outputs, guidance, solver history): 8.
-    The phases (bytes alive besides the block input, modulation tables, rope table, context and sampler), in
-    units of L·C bytes for the large terms:
+    context_bytes        text: two raw contexts (cond, uncond) fp32 [text_len, text_dim] and the embedded bf16
+                         [text_len, C] (the padded copy of a context dies once embedded, before the blocks).
+    sampler_bytes        latent-sized fp32 tensors of the sampler (noise, outputs, guidance, solver history):
+                         SAMPLER_LATENTS; the latent a forward takes is one of them.
+    condition_bytes      fp32 conditioning y [in_dim - out_dim, T, H, W] of an i2v model, held through the denoise.
+    The phases (bytes alive besides the block input, modulation tables and the persistent terms: rope table,
+    context, sampler, conditioning), in units of L·C bytes for the large terms:
     self_attn_norm_bytes    cast input + q + k's projection + its squared fp32 copy + statistic (10·L·C);
     self_attn_rope_bytes    cast input + q + k + RoPE temporaries while k is rotated (6·L·C + rope_temp);
     self_attn_kernel_bytes  cast input + q, k, v + output + log-sum-exp (10·L·C);
@@ -211,7 +215,8 @@ class ActivationTerms:
     ffn_bytes               x + (1 + scale) table + per chunk of T tokens the largest of: the fp32 modulated chunk
                             and its bf16 cast (6·T·C), the bf16 input chunk with the hidden tensor (2·T·C + 2·T·F),
                             the bf16 output chunk with the gated product (6·T·C).
-    Checked against the live tensors of a real DiTBlock forward in tests/test_plan.py.
+    Checked against the live tensors of real forwards on fake (meta) tensors (memory.meta_trace): blocks at full
+    size in tests/test_plan.py, whole forwards in tests/test_live_bytes.py and benchmarks/bench_activation_meta.py.
     """
 
     tokens: int
@@ -230,6 +235,7 @@ class ActivationTerms:
     rope_temp_bytes: int
     context_bytes: int
     sampler_bytes: int
+    condition_bytes: int
     self_attn_norm_bytes: int
     self_attn_rope_bytes: int
     self_attn_kernel_bytes: int
@@ -249,10 +255,14 @@ class ActivationTerms:
         return self.modulation_bytes + max(phases)
 
     @property
+    def persistent_bytes(self) -> int:
+        """What lives through the whole forward besides the residual stream."""
+        return self.rope_table_bytes + self.context_bytes + self.sampler_bytes + self.condition_bytes
+
+    @property
     def peak_bytes(self) -> int:
         """Peak of one forward: block input + largest phase + what lives through the whole forward."""
-        persistent = self.rope_table_bytes + self.context_bytes + self.sampler_bytes
-        return self.residual_bytes + self.block_peak_bytes + persistent
+        return self.residual_bytes + self.block_peak_bytes + self.persistent_bytes
 
 
 def activation_terms(cfg: DiTConfig, tokens: int, ffn_chunk_tokens: int | None = None) -> ActivationTerms:
@@ -273,8 +283,10 @@ def activation_terms(cfg: DiTConfig, tokens: int, ffn_chunk_tokens: int | None =
     stat, lse = 4 * n, 4 * cfg.num_heads * n
     rope_temp = 12 * min(n, ROPE_CHUNK_TOKENS) * c
     rope_table = 16 * n * (cfg.head_dim // 2)
-    context = (3 * 4 * cfg.text_dim + 2 * c) * cfg.text_len
-    sampler = 8 * 4 * n * math.prod(cfg.patch_size) * cfg.out_dim
+    context = (2 * 4 * cfg.text_dim + 2 * c) * cfg.text_len
+    latent_elements = n * math.prod(cfg.patch_size)  # per channel
+    sampler = SAMPLER_LATENTS * 4 * latent_elements * cfg.out_dim
+    condition = 4 * latent_elements * (cfg.in_dim - cfg.out_dim) if cfg.model_type == "i2v" else 0
     tables = 4 * (2 if per_token else 1) * c  # one [U, C] fp32 table, e.g. 1 + scale
 
     def gather(rows: int) -> int:  # one gathered [rows or 1, C] fp32 block of a modulation table
@@ -306,6 +318,7 @@ def activation_terms(cfg: DiTConfig, tokens: int, ffn_chunk_tokens: int | None =
         rope_temp_bytes=rope_temp,
         context_bytes=context,
         sampler_bytes=sampler,
+        condition_bytes=condition,
         self_attn_norm_bytes=3 * half + fp32_copy + stat,
         self_attn_rope_bytes=3 * half + rope_temp,
         self_attn_kernel_bytes=5 * half + lse,

@@ -19,8 +19,9 @@ which is half of what tiling is meant to save. Its only advantage, emitting fini
 is not needed: the pipeline writes the video after the decode.
 
 Estimate: `decode_bytes_estimate` runs the real decoder code on the meta device (shapes only, no memory, ~0.2 s at
-full size) under a dispatch mode that tracks every tensor storage the ops create and when it dies; the estimate is
-the largest total of live storages over three chunks (the third is the steady state: caches full, 4 frames out).
+full size) under `live_bytes.LiveStorageTracker`, which tracks every tensor storage the ops create and when it
+dies; the estimate is the largest total of live storages over three chunks (the third is the steady state: caches
+full, 4 frames out).
 It equals the same tracker run on real CPU tensors (tests/test_vae_tiling.py) and is what a non-caching allocator
 needs: the peak RSS growth of a warm CPU decode was 0.7-1.2x estimate + output, a cold first decode adds ~0.2-0.35
 GB of one-off runtime memory (benchmarks/bench_vae.py). The CUDA caching allocator and cuDNN workspaces add some on
@@ -40,10 +41,9 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from wan_local.errors import InputError
+from wan_local.memory.live_bytes import LiveStorageTracker
 from wan_local.models.vae21 import VAE21Config, WanVAE21
 from wan_local.models.vae22 import VAE22Config, WanVAE22
 from wan_local.models.vae_blocks import CausalVideoVAE, FeatureCache
@@ -262,41 +262,8 @@ def tiled_encode(
 
 
 # ---------------------------------------------------------------------------------------------------- estimate
-class LiveStorageTracker(TorchDispatchMode):
-    """Context manager measuring the peak bytes of tensor storages that ops create while it is active.
-
-    After every op, storages that died since the last op are dropped, then the op's outputs are added: an op's
-    inputs and outputs count together, as they coexist in an allocator. Tensors made before entering (weights,
-    inputs) are not counted. Device-independent (CPU, CUDA, meta): it is the allocator-free measure of working
-    memory that CPU runs lack (torch keeps no CPU allocator statistics). Run the code under `torch.no_grad()`,
-    or autograd keeps every intermediate alive. Reset `peak_bytes` to 0 to start a new window.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.peak_bytes = 0
-
-    def live_bytes(self) -> int:
-        """Bytes of tracked storages that are still alive."""
-        for key in [k for k, (ref, _) in self._live.items() if ref.expired()]:
-            del self._live[key]
-        return sum(n for _, n in self._live.values())
-
-    def __torch_dispatch__(self, func: Callable, types: object, args: tuple = (), kwargs: dict | None = None) -> object:
-        out = func(*args, **(kwargs or {}))
-        current = self.live_bytes()
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, Tensor):
-                storage = t.untyped_storage()
-                if storage._cdata not in self._live:
-                    self._live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
-                    current += storage.nbytes()
-        self.peak_bytes = max(self.peak_bytes, current)
-        return out
-
-
-def _resolve(kind: str | VAEConfig) -> tuple[type[CausalVideoVAE], VAEConfig]:
+def resolve_kind(kind: str | VAEConfig) -> tuple[type[CausalVideoVAE], VAEConfig]:
+    """(VAE class, config) of "wan2.1" / "wan2.2" or of a VAE config."""
     if isinstance(kind, VAE21Config):
         return WanVAE21, kind
     if isinstance(kind, VAE22Config):
@@ -308,7 +275,7 @@ def _resolve(kind: str | VAEConfig) -> tuple[type[CausalVideoVAE], VAEConfig]:
 
 @functools.lru_cache(maxsize=4)
 def _meta_vae(kind: str | VAEConfig) -> CausalVideoVAE:
-    model_cls, cfg = _resolve(kind)
+    model_cls, cfg = resolve_kind(kind)
     with torch.device("meta"):
         return model_cls(cfg).eval()
 

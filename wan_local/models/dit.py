@@ -345,10 +345,14 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, t_index: torch.Tensor) -> torch.Tensor:
-        """x [B, L, C], e [U, C] fp32, t_index [B, 1 or L] -> [B, L, prod(patch)·out_dim] fp32."""
+        """x [B, L, C], e [U, C] fp32, t_index [B, 1 or L] -> [B, L, prod(patch)·out_dim] fp32.
+
+        As the blocks: the modulation stays a [U, C] table gathered per token chunk, and the norm output (a fresh
+        fp32 tensor) is modulated in place, so per-token timesteps never hold [B, L, C] shift and scale copies.
+        """
         with _fp32_region(x.device.type):
-            shift, scale = (m[t_index] for m in (self.modulation[0].float() + e.unsqueeze(1)).unbind(1))
-            return fp32_linear(self.head, self.norm(x).float() * (1 + scale) + shift)
+            shift, scale = (self.modulation[0].float() + e.unsqueeze(1)).unbind(1)  # [U, C] each
+            return fp32_linear(self.head, modulate_(self.norm(x).float(), 1 + scale, shift, t_index))
 
 
 # ------------------------------------------------------------------------------------------------------ model

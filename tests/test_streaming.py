@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, rel_l2
 from torch import nn
 
 from wan_local.errors import InputError
-from wan_local.memory.streaming import BlockStreamer, block_nbytes, move_unstreamed
+from wan_local.memory.streaming import ALIGN_BYTES, BlockStreamer, block_nbytes, move_unstreamed
 from wan_local.models.dit import DiTConfig, WanDiT
 from wan_local.weights.loading import load_dit
 
@@ -103,9 +103,9 @@ def test_streamed_equals_resident_bit_for_bit(streamed, depth, tiny: Path, cases
     # Each forward moves every streamed block once; `depth` loads for the next forward are already queued.
     assert stats.forwards == 2 and stats.on_demand_loads == 0
     assert stats.loads == 2 * len(streamed) + depth
-    assert stats.pageable_bytes == sum(block_nbytes(model.blocks[i]) for i in streamed)
+    assert stats.pageable_bytes == sum(block_nbytes(model.blocks[i], "cpu") for i in streamed)
     assert stats.pinned_bytes == 0 and stats.staging_bytes == 0
-    assert stats.device_buffer_bytes == (depth + 1) * max(block_nbytes(model.blocks[i]) for i in streamed)
+    assert stats.device_buffer_bytes == (depth + 1) * max(block_nbytes(model.blocks[i], "cpu") for i in streamed)
 
     _assert_restored(model, snap)
     assert torch.equal(_run(model, g), resident)
@@ -201,7 +201,7 @@ def test_quantized_blocks_stream_exactly(depth: int) -> None:
         outs = [model(x) for _ in range(3)]
         assert model.blocks[0].lin.qweight.dtype == torch.int8 and model.blocks[0].lin.bias.dtype == torch.bfloat16
     assert all(torch.equal(o, resident) for o in outs)
-    assert streamer.buffer_bytes == block_nbytes(model.blocks[1])  # the wide block sizes the buffers
+    assert streamer.buffer_bytes == max(block_nbytes(model.blocks[i], "cpu") for i in streamed)
     _assert_restored(model, snap)
 
 
@@ -244,6 +244,37 @@ def test_blocks_called_out_of_order_load_on_demand() -> None:
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     assert torch.equal(full, resident)
     assert streamer.stats.on_demand_loads >= 2
+
+
+def test_cpu_tensors_keep_their_alignment() -> None:
+    """CPU kernels pick code paths by address alignment: a streamed tensor sits where its resident one would, modulo
+    ALIGN_BYTES (here weights at odd offsets of one storage, as memory-mapped checkpoints load)."""
+    model = _ToyNet()
+    tensors = [t for b in model.blocks for t in [*b.parameters(), *b.buffers()]]
+    storage = torch.empty(sum(t.numel() * t.element_size() + 64 for t in tensors), dtype=torch.uint8)
+    offset = 24
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        view = storage[offset : offset + n].view(t.dtype).view(t.shape)
+        view.copy_(t.detach())
+        t.data = view
+        offset += n + 40
+    residues = {id(t): t.data_ptr() % ALIGN_BYTES for t in tensors}
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        resident = model(x)
+        seen = []
+        probes = [
+            b.register_forward_pre_hook(lambda m, a: seen.extend(t.data_ptr() % ALIGN_BYTES for t in m.parameters()))
+            for b in model.blocks
+        ]
+        with BlockStreamer(model, range(6), "cpu", 2):
+            assert torch.equal(model(x), resident)
+        for p in probes:
+            p.remove()
+    expected = [residues[id(t)] for b in model.blocks for t in b.parameters()]
+    assert seen == expected and len(set(expected)) > 1
+    assert all(t.data_ptr() % ALIGN_BYTES == residues[id(t)] for t in tensors), "the slabs keep it too"
 
 
 # -------------------------------------------------------------------------------------------- host memory

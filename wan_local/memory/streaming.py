@@ -49,8 +49,10 @@ from wan_local.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-# Tensor starts inside a slab/buffer: the CUDA caching allocator's alignment, so kernels (cuBLAS picks by alignment)
-# see the same pointers' alignment as for resident weights.
+# Tensor starts inside a slab/buffer are congruent, modulo ALIGN_BYTES, to where the resident tensor would start, so
+# kernels that pick their code path by alignment (cuBLAS; oneDNN/MKL on the CPU) compute the same bits as resident:
+# on CUDA that is the caching allocator's alignment (0 mod 512); on the CPU, where resident weights stay where they
+# were loaded (often memory-mapped at any 8-byte offset), each tensor keeps its own address modulo ALIGN_BYTES.
 ALIGN_BYTES = 512
 DEFAULT_CHUNK_BYTES = 64 << 20  # pinned staging chunk for pageable blocks (two are allocated)
 _PAGE = mmap.PAGESIZE
@@ -76,12 +78,16 @@ class _Slot:
 
 
 class _BlockLayout:
-    """Every parameter and buffer of one block, packed at aligned offsets of one flat byte range."""
+    """Every parameter and buffer of one block, packed at aligned offsets of one flat byte range.
 
-    def __init__(self, block: nn.Module, name: str) -> None:
+    keep_alignment: place each tensor at an offset congruent to its current address modulo ALIGN_BYTES (the CPU:
+    the resident weights are the current tensors) instead of at a multiple of ALIGN_BYTES (CUDA).
+    """
+
+    def __init__(self, block: nn.Module, name: str, keep_alignment: bool = False) -> None:
         self.slots: list[_Slot] = []
         seen: set[int] = set()
-        offset = 0
+        end = 0
         for mod_name, module in block.named_modules():
             tensors = [*module._parameters.items(), *module._buffers.items()]
             for t_name, t in tensors:
@@ -90,9 +96,11 @@ class _BlockLayout:
                 seen.add(id(t))
                 _check_streamable(t, f"{name}.{mod_name}.{t_name}".replace("..", "."))
                 nbytes = t.numel() * t.element_size()
+                residue = t.data_ptr() % ALIGN_BYTES if keep_alignment else 0
+                offset = end + (residue - end) % ALIGN_BYTES
                 self.slots.append(_Slot(t, t.dtype, t.shape, offset, nbytes, t.device))
-                offset = _align(offset + nbytes, ALIGN_BYTES)
-        self.nbytes = offset
+                end = offset + nbytes
+        self.nbytes = _align(end, ALIGN_BYTES)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Typed views of `flat` (uint8, >= self.nbytes) for every slot, in slot order."""
@@ -120,12 +128,13 @@ def _check_streamable(t: torch.Tensor, name: str) -> None:
         raise InputError(f"{name} is on the meta device; load the weights before streaming the block")
 
 
-def block_nbytes(block: nn.Module) -> int:
-    """Bytes one streamed block occupies in a device buffer (its tensors at ALIGN_BYTES offsets).
+def block_nbytes(block: nn.Module, device: torch.device | str = "cuda") -> int:
+    """Bytes one streamed block occupies in a device buffer (and its host slab) when streamed to `device`.
 
-    The streamer's device cost is `(prefetch_depth + 1) * max(block_nbytes(b) for b in streamed blocks)`.
+    CUDA: its tensors at multiples of ALIGN_BYTES. CPU: each tensor at its current address modulo ALIGN_BYTES.
+    The streamer's device cost is `(prefetch_depth + 1) * max(block_nbytes(b, device) for b in streamed blocks)`.
     """
-    return _BlockLayout(block, "block").nbytes
+    return _BlockLayout(block, "block", keep_alignment=torch.device(device).type == "cpu").nbytes
 
 
 # ---------------------------------------------------------------------------------------------- host side
@@ -150,6 +159,13 @@ def _clear_cuda_error(device: torch.device) -> None:
         logger.debug("cleared CUDA error after failed registration: %s", exc)
 
 
+def _aligned_empty(nbytes: int) -> torch.Tensor:
+    """Uninitialised host bytes starting at a multiple of ALIGN_BYTES (torch's CPU allocator only promises 64)."""
+    raw = torch.empty(nbytes + ALIGN_BYTES, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % ALIGN_BYTES
+    return raw[start : start + nbytes]
+
+
 class _HostSlab:
     """One block's bytes in host memory, in the same layout as the device buffer."""
 
@@ -164,7 +180,7 @@ class _HostSlab:
             self.flat = raw[start : start + span]
             self.pinned = _pin(self.flat, device)
         else:
-            self.flat = torch.empty(nbytes, dtype=torch.uint8)
+            self.flat = _aligned_empty(nbytes)
 
     def release_pin(self) -> None:
         """Unregister the pages; the memory stays valid pageable memory for any tensor still viewing it."""
@@ -346,7 +362,8 @@ class BlockStreamer:
 
     def _build_layouts(self) -> list[_BlockLayout]:
         pairs = zip(self._blocks, self.indices, strict=True)
-        return [_BlockLayout(b, f"{self._blocks_attr}.{i}") for b, i in pairs]
+        cpu = self.device.type == "cpu"
+        return [_BlockLayout(b, f"{self._blocks_attr}.{i}", keep_alignment=cpu) for b, i in pairs]
 
     def _reset_state(self) -> None:
         """Empty per-install state (also what a failed install or an uninstall leaves behind)."""
@@ -414,7 +431,10 @@ class BlockStreamer:
         pinned = sum(s.flat.numel() for s in self._slabs if s.pinned)
         pageable = sum(s.flat.numel() for s in self._slabs if not s.pinned)
         k = self.depth + 1
-        self._buffers = [torch.empty(self.buffer_bytes, dtype=torch.uint8, device=self.device) for _ in range(k)]
+        if cuda:  # the caching allocator aligns to 512 bytes
+            self._buffers = [torch.empty(self.buffer_bytes, dtype=torch.uint8, device=self.device) for _ in range(k)]
+        else:
+            self._buffers = [_aligned_empty(self.buffer_bytes) for _ in range(k)]
         self._dev_views = [[layout.views(buf) for layout in self._layouts] for buf in self._buffers]
         staging_bytes = 0
         if cuda:

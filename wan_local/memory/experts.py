@@ -24,6 +24,7 @@ import torch
 from wan_local.errors import CheckpointError
 from wan_local.memory.options import MemoryOptions
 from wan_local.memory.plan import ResidencyPlan
+from wan_local.memory.streaming import BlockStreamer, move_unstreamed
 from wan_local.models.dit import WanDiT
 from wan_local.weights import fp8
 from wan_local.weights.files import read_safetensors
@@ -153,9 +154,7 @@ class ExpertSlots:
         chunk = None if plan is None else plan.ffn_chunk_tokens
         for block in getattr(model, "blocks", ()):  # wrappers without blocks (golden-test recorders) run as they are
             block.ffn_chunk_tokens = chunk
-        if self._device.type == "cuda" and plan is not None and plan.streamed_blocks:
-            from wan_local.memory.streaming import BlockStreamer, move_unstreamed
-
+        if plan is not None and plan.streamed_blocks:  # on the CPU too: the same plan, slots and block order
             move_unstreamed(model, plan.streamed_blocks, self._device)
             cap = plan.pinned_host_bytes + plan.staging_host_bytes
             return BlockStreamer(model, plan.streamed_blocks, self._device, plan.prefetch_depth, cap).install()

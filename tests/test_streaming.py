@@ -17,7 +17,8 @@ from conftest import REPO_ROOT, rel_l2
 from torch import nn
 
 from wan_local.errors import InputError
-from wan_local.memory.streaming import ALIGN_BYTES, BlockStreamer, block_nbytes, move_unstreamed
+from wan_local.memory.pinned import ALIGN_BYTES
+from wan_local.memory.streaming import BlockStreamer, block_nbytes, move_unstreamed
 from wan_local.models.dit import DiTConfig, WanDiT
 from wan_local.weights.loading import load_dit
 

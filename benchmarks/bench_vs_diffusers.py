@@ -231,7 +231,7 @@ def bench_cpu(args: argparse.Namespace) -> dict:
     sd = dit_diffusers_to_official(ref.state_dict())
     resident = ours_from(sd, cfg, cpu)
     streamed = ours_from(sd, cfg, cpu)  # the same tensors; the streamer moves this model's into its slabs
-    streamer = BlockStreamer(streamed, range(cfg.num_layers), cpu, args.depth).install()
+    streamer = BlockStreamer(streamed, range(cfg.num_layers), cpu, args.depth, timing=True).install()
     inp = make_inputs(tuple(args.cpu_latent), None)
     fns = {
         "resident": ours_forward(resident, inp, None),
@@ -420,7 +420,7 @@ def bench_cuda(args: argparse.Namespace) -> dict:
         move_unstreamed(model, streamed, device)
         pinned_cap = int(0.5 * psutil.virtual_memory().total)
         rss0 = rss()
-        streamer = BlockStreamer(model, streamed, device, args.depth, pinned_cap).install()
+        streamer = BlockStreamer(model, streamed, device, args.depth, pinned_cap, timing=True).install()
         # Our slabs replace the model's block tensors; here the originals stay alive (diffusers' model holds them),
         # so the delta is what streaming adds on top of one copy of the weights.
         result["streamer_rss_delta"] = rss() - rss0

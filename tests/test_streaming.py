@@ -233,6 +233,16 @@ def test_recovers_after_a_failed_forward() -> None:
             assert torch.equal(model(x), resident)
 
 
+@pytest.mark.parametrize("timing", [False, True])
+def test_copy_times_are_measured_only_when_asked(timing: bool) -> None:
+    model = _ToyNet()
+    with BlockStreamer(model, range(6), "cpu", 1, timing=timing) as streamer, torch.no_grad():
+        model(torch.randn(2, 16))
+    stats = streamer.read_stats()
+    assert stats.forwards == 1 and stats.loads == 7
+    assert (stats.copy_s > 0 and stats.stall_s > 0) if timing else (stats.copy_s == 0 and stats.stall_s == 0)
+
+
 def test_blocks_called_out_of_order_load_on_demand() -> None:
     model = _ToyNet()
     x = torch.randn(2, 16)
@@ -398,7 +408,7 @@ def test_cuda_streamed_equals_resident(pinning: str, depth: int, tiny: Path, cas
     first = -(-block_nbytes(model.blocks[0]) // mmap.PAGESIZE) * mmap.PAGESIZE  # page-rounded slab
     cap = {"all": 1 << 40, "none": 0, "first": first + 2 * chunk}[pinning]
     move_unstreamed(model, [0, 1], "cuda")
-    with BlockStreamer(model, [0, 1], "cuda", depth, pinned_cap_bytes=cap, chunk_bytes=chunk) as streamer:
+    with BlockStreamer(model, [0, 1], "cuda", depth, cap, chunk_bytes=chunk, timing=True) as streamer:
         outs = [_run(model, g, "cuda") for _ in range(3)]
         stats = streamer.read_stats()
     assert all(torch.equal(o, resident) for o in outs)

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from wan_local.memory import experts as experts_module
+from wan_local.memory import pinned
+from wan_local.memory import streaming as streaming_module
 from wan_local.memory.options import MemoryOptions
 from wan_local.memory.plan import ResidencyPlan
 from wan_local.memory.streaming import BlockStreamer
@@ -102,3 +104,43 @@ def test_streamed_experts_equal_resident_bit_for_bit(tiny, cache_dir, monkeypatc
         assert streamer.stats.loads == forwards * NUM_BLOCKS + 1, "every block every forward, one load queued ahead"
     assert torch.equal(streamed.latent, resident.latent)
     assert torch.equal(streamed.video, resident.video)
+
+
+def fake_pinning(monkeypatch) -> tuple[list[int], list[int]]:
+    """Page-lock on the CPU through counting stand-ins for cudaHostRegister / cudaHostUnregister."""
+    registered: list[int] = []
+    unregistered: list[int] = []
+    monkeypatch.setattr(streaming_module, "pinning_available", lambda device: True)
+    monkeypatch.setattr(pinned, "_host_register", lambda ptr, nbytes: registered.append(ptr) or 0)
+    monkeypatch.setattr(pinned, "_host_unregister", lambda ptr: unregistered.append(ptr) or 0)
+    return registered, unregistered
+
+
+def test_kept_experts_are_packed_and_pinned_once(tiny, cache_dir, monkeypatch):
+    """A kept expert keeps its packed, pinned slabs while idle: the next job only re-attaches; release unpins."""
+    registered, unregistered = fake_pinning(monkeypatch)
+    streamers = record_streamers(monkeypatch)
+    memory = MemoryOptions(keep_idle_expert="keep")
+    pipe = WanPipeline(tiny / "t2v-A14B", "t2v-A14B", "cpu", torch.float32, memory, cache_dir=cache_dir)
+    settings = _settings(tiny, "t2v-A14B")
+    use_plan(monkeypatch, pipe, None)
+    resident = pipe.generate(settings)
+
+    use_plan(monkeypatch, pipe, cpu_plan(streamed=(0, 1), experts_in_ram=2, pinned_host_bytes=1 << 30))
+    first = pipe.generate(settings)
+    assert len(streamers) == 2 and all(s.prepared and not s.installed for s in streamers), "parked, slabs kept"
+    assert [(s.stats.packs, s.stats.pins) for s in streamers] == [(NUM_BLOCKS, NUM_BLOCKS)] * 2
+    assert len(registered) == 2 * NUM_BLOCKS and unregistered == []
+
+    second = pipe.generate(settings)
+    assert len(streamers) == 2, "the kept experts' streamers were re-attached, not made again"
+    assert [(s.stats.packs, s.stats.pins) for s in streamers] == [(NUM_BLOCKS, NUM_BLOCKS)] * 2
+    assert len(registered) == 2 * NUM_BLOCKS and unregistered == [], "re-activation packs and pins nothing"
+    assert all(s.stats.forwards > 0 and s.stats.on_demand_loads == 0 for s in streamers), "and streams"
+    assert sorted(pipe.experts.loads) == ["high_noise", "low_noise"]
+    for run in (first, second):
+        assert torch.equal(run.latent, resident.latent) and torch.equal(run.video, resident.video)
+
+    pipe.close()
+    assert sorted(unregistered) == sorted(registered), "release unpins every slab"
+    assert not any(s.prepared for s in streamers) and pipe.experts.held() == []

@@ -233,6 +233,28 @@ def test_recovers_after_a_failed_forward() -> None:
             assert torch.equal(model(x), resident)
 
 
+def test_detach_keeps_the_host_side_for_the_next_attach() -> None:
+    """detach() frees the device side only; attach() again packs nothing; uninstall() restores the model."""
+    model = _ToyNet()
+    x = torch.randn(2, 16)
+    snap = _snapshot(model)
+    with torch.no_grad():
+        resident = model(x)
+        streamer = BlockStreamer(model, [0, 2, 3], "cpu", 1).install()
+        slabs = [t.untyped_storage().data_ptr() for t in model.blocks[2].parameters()]
+        for _ in range(3):
+            assert torch.equal(model(x), resident) and streamer.stats.forwards == 1
+            streamer.detach()
+            assert streamer.prepared and not streamer.installed and streamer._buffers == []
+            assert [t.untyped_storage().data_ptr() for t in model.blocks[2].parameters()] == slabs
+            assert torch.equal(model(x), resident), "detached: the blocks run from their host slabs"
+            streamer.attach()
+        assert streamer.stats.packs == 3 and streamer.stats.pins == 0
+        streamer.uninstall()
+    assert not streamer.prepared
+    _assert_restored(model, snap)
+
+
 @pytest.mark.parametrize("timing", [False, True])
 def test_copy_times_are_measured_only_when_asked(timing: bool) -> None:
     model = _ToyNet()
@@ -417,6 +439,35 @@ def test_cuda_streamed_equals_resident(pinning: str, depth: int, tiny: Path, cas
     assert stats.staging_bytes == (0 if pinning == "all" else 2 * chunk)
     assert stats.copy_s > 0 and stats.stall_s >= 0 and stats.on_demand_loads == 0
     move_unstreamed(model, [0, 1], "cpu")
+    _assert_restored(model, snap)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("pinning", ["all", "none"])
+def test_cuda_reattach_pins_nothing(pinning: str) -> None:
+    model = _ToyNet(n=64).cuda()
+    x = torch.randn(8, 64, device="cuda")
+    with torch.inference_mode():
+        resident = model(x)
+    model = _ToyNet(n=64)
+    snap = _snapshot(model)
+    move_unstreamed(model, range(6), "cuda")
+    cap = {"all": 1 << 30, "none": 0}[pinning]
+    streamer = BlockStreamer(model, range(6), "cuda", 1, cap, chunk_bytes=4096).install()
+    pins = streamer.stats.pins
+    assert pins == (6 if pinning == "all" else 1)  # six slabs, or the staging allocation
+    with torch.inference_mode():
+        for _ in range(2):
+            assert torch.equal(model(x), resident)
+            streamer.detach()
+            assert streamer.pinned_host_bytes == streamer.stats.pinned_bytes + streamer.stats.staging_bytes
+            assert all(t.is_pinned() == (pinning == "all") for t in model.blocks.parameters())
+            streamer.attach()
+    assert streamer.stats.pins == pins and streamer.stats.packs == 6
+    streamer.uninstall()
+    assert streamer.pinned_host_bytes == 0
+    move_unstreamed(model, range(6), "cpu")
     _assert_restored(model, snap)
 
 

@@ -1,12 +1,14 @@
-"""How one block's tensors are packed into a flat byte range, and re-pointed into it.
+"""Which tensors a streamed block owns, and how they are packed into a flat byte range and re-pointed into it.
 
 A `BlockLayout` lists every parameter and buffer of a block with its offset in one flat uint8 range; the same
 layout is used for the block's host slab and for the device buffers it is copied into, so a block moves with one
-contiguous copy. Its tensors keep their Python identity: `point_at` only re-points `.data`.
+contiguous copy. Its tensors keep their Python identity: `point_at` only re-points `.data`. `check_not_shared`
+refuses tensors owned by more than one block; `move_unstreamed` places everything the streamed blocks do not own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -106,3 +108,27 @@ def check_not_shared(model: nn.Module, blocks: list[nn.Module], indices: list[in
                     f"{mod_name}.{t_name} is shared between block {previous} and {owner}; shared tensors cannot "
                     "be streamed"
                 )
+
+
+def move_unstreamed(
+    model: nn.Module, streamed: Sequence[int], device: torch.device | str, *, blocks_attr: str = "blocks"
+) -> int:
+    """Move every parameter and buffer of `model` except those of the streamed blocks to `device`.
+
+    Returns the bytes now on `device` from this call. Tensors keep their identity (`.data` is re-pointed).
+    Call it before `BlockStreamer.install()` or after; never use `model.to(device)` with a streamer.
+    """
+    blocks = getattr(model, blocks_attr)
+    skip = {id(m) for i in streamed for m in blocks[i].modules()}
+    dev, moved, seen = torch.device(device), 0, set()
+    with torch.no_grad():
+        for module in model.modules():
+            if id(module) in skip:
+                continue
+            for t in [*module._parameters.values(), *module._buffers.values()]:
+                if t is None or id(t) in seen:
+                    continue
+                seen.add(id(t))
+                t.data = t.data.to(dev)
+                moved += t.numel() * t.element_size()
+    return moved

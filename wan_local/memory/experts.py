@@ -9,7 +9,9 @@ happens to the other:
   computes, and a finished expert is parked in host RAM for the next job.
 
 Quantized experts come from the quantization cache; ComfyUI fp8_scaled and optimum-quanto files are used as
-stored. Streaming follows the plan's streamed blocks; the streamer is uninstalled before an expert is parked.
+stored. Streaming follows the plan's streamed blocks. An expert's streamer packs (and on CUDA pins) its blocks'
+host slabs once; parking a kept expert only detaches the device side, so its next activation re-attaches without
+packing or pinning anything. Releasing an expert uninstalls its streamer (unpins) before the model is dropped.
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ class ExpertSlots:
         self._memory = memory
         self._quant_cache_dir = quant_cache_dir
         self._lock = threading.Lock()
-        self._active: tuple[str, WanDiT, object | None] | None = None  # (expert, model, streamer)
-        self._idle: dict[str, WanDiT] = {}
+        self._active: tuple[str, WanDiT, BlockStreamer | None] | None = None  # (expert, model, streamer)
+        self._idle: dict[str, tuple[WanDiT, BlockStreamer | None]] = {}  # streamer: prepared, detached
         self._pending: dict[str, Future[WanDiT]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self.plan: ResidencyPlan | None = None
@@ -83,8 +85,7 @@ class ExpertSlots:
         self.plan = plan
         self.keep_idle = keep_idle
         if not keep_idle:
-            with self._lock:
-                self._idle.clear()
+            self._drop_idle()
 
     def held(self) -> list[str]:
         """Experts currently held in memory (active, idle or being prefetched)."""
@@ -117,16 +118,16 @@ class ExpertSlots:
         self.loads.append(expert)
         return model
 
-    def _take(self, expert: str) -> WanDiT:
-        """The expert from the idle set, the prefetch or the disk (in that order)."""
+    def _take(self, expert: str) -> tuple[WanDiT, BlockStreamer | None]:
+        """The expert (and its prepared streamer, if any) from the idle set, the prefetch or the disk."""
         with self._lock:
-            model = self._idle.pop(expert, None)
+            idle = self._idle.pop(expert, None)
             pending = self._pending.pop(expert, None)
-        if model is not None:
-            return model
+        if idle is not None:
+            return idle
         if pending is not None:
-            return pending.result()
-        return self._read(expert)
+            return pending.result(), None
+        return self._read(expert), None
 
     def prefetch(self, expert: str) -> None:
         """Start reading `expert` from disk in the background (only when idle experts may be kept)."""
@@ -144,22 +145,33 @@ class ExpertSlots:
 
     # ------------------------------------------------------------------------------------------- placement
 
-    def _place(self, model: WanDiT) -> object | None:
+    def _place(self, model: WanDiT, streamer: BlockStreamer | None) -> BlockStreamer | None:
         """Put `model` on the device: resident, or non-block weights resident and the plan's blocks streamed.
 
-        Every block runs its FFN in the plan's token chunks (`DiTBlock.ffn_chunk_tokens`), or unchunked when the
-        plan has none (or there is no plan): a model kept from an earlier job never keeps a stale chunk.
+        `streamer` is the one kept from the expert's last use: re-attached when it streams what the plan streams
+        (nothing is packed or pinned again), else uninstalled. Every block runs its FFN in the plan's token chunks
+        (`DiTBlock.ffn_chunk_tokens`), or unchunked when the plan has none (or there is no plan): a model kept from
+        an earlier job never keeps a stale chunk.
         """
         plan = self.plan
         chunk = None if plan is None else plan.ffn_chunk_tokens
         for block in getattr(model, "blocks", ()):  # wrappers without blocks (golden-test recorders) run as they are
             block.ffn_chunk_tokens = chunk
-        if plan is not None and plan.streamed_blocks:  # on the CPU too: the same plan, slots and block order
-            move_unstreamed(model, plan.streamed_blocks, self._device)
-            cap = plan.pinned_host_bytes + plan.staging_host_bytes
-            return BlockStreamer(model, plan.streamed_blocks, self._device, plan.prefetch_depth, cap).install()
-        model.to(self._device)
-        return None
+        if plan is None or not plan.streamed_blocks:
+            if streamer is not None:
+                streamer.uninstall()
+            model.to(self._device)
+            return None
+        # On the CPU too: the same plan, slots and block order, with synchronous copies.
+        cap = plan.pinned_host_bytes + plan.staging_host_bytes
+        wanted = (sorted(plan.streamed_blocks), plan.prefetch_depth, cap)
+        if streamer is not None and (streamer.indices, streamer.depth, streamer.pinned_cap_bytes) != wanted:
+            streamer.uninstall()
+            streamer = None
+        move_unstreamed(model, plan.streamed_blocks, self._device)
+        if streamer is None:
+            streamer = BlockStreamer(model, plan.streamed_blocks, self._device, plan.prefetch_depth, cap)
+        return streamer.attach()
 
     def __call__(self, expert: str) -> WanDiT:
         if self._active is not None and self._active[0] == expert:
@@ -167,35 +179,46 @@ class ExpertSlots:
         if expert not in self._paths:
             raise CheckpointError(f"no checkpoint for the {expert} expert")
         self.park()
-        model = self._take(expert)
-        self._active = (expert, model, self._place(model))
+        model, streamer = self._take(expert)
+        self._active = (expert, model, self._place(model, streamer))
         return model
 
     def park(self) -> None:
-        """End the active expert's use: remove its streamer, then keep it in host RAM or release it."""
+        """End the active expert's use: keep it in host RAM (its streamer detached, slabs kept) or release it."""
         if self._active is None:
             return
         expert, model, streamer = self._active
         self._active = None
-        if streamer is not None:
-            streamer.uninstall()
         if self.keep_idle:
-            model.to("cpu")
+            if streamer is not None:
+                streamer.detach()
+            model.to("cpu")  # the non-streamed weights; streamed ones already are views of their host slabs
             with self._lock:
-                self._idle[expert] = model
-        del model
+                self._idle[expert] = (model, streamer)
+        elif streamer is not None:
+            streamer.uninstall()
+        del model, streamer
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _drop_idle(self) -> None:
+        """Release every idle expert (its streamer unpinned first)."""
+        with self._lock:
+            idle = list(self._idle.values())
+            self._idle.clear()
+        for _, streamer in idle:
+            if streamer is not None:
+                streamer.uninstall()
 
     def release(self) -> None:
         """Drop every expert (active, idle and prefetched)."""
         keep, self.keep_idle = self.keep_idle, False
         self.park()
         self.keep_idle = keep
+        self._drop_idle()
         with self._lock:
             pending = list(self._pending.values())
             self._pending.clear()
-            self._idle.clear()
         for future in pending:
             future.cancel()
             if not future.cancelled():

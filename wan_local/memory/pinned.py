@@ -59,9 +59,24 @@ def pin_plan(nbytes: list[int], cap_bytes: int, chunk_bytes: int) -> list[bool]:
 # ---------------------------------------------------------------------------------------------- slabs
 
 
+def pinning_available(device: torch.device) -> bool:
+    """Whether host memory is page-locked for copies to `device` (CUDA only; the CPU copies synchronously)."""
+    return device.type == "cuda"
+
+
+def _host_register(ptr: int, nbytes: int) -> int:
+    """cudaHostRegister; the cudaError code (0 = success)."""
+    return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
+
+
+def _host_unregister(ptr: int) -> int:
+    """cudaHostUnregister; the cudaError code (0 = success)."""
+    return int(torch.cuda.cudart().cudaHostUnregister(ptr))
+
+
 def _pin(flat: torch.Tensor, device: torch.device) -> bool:
     """Page-lock `flat` in place with cudaHostRegister (exact size, no power-of-two rounding)."""
-    err = int(torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), flat.numel(), 0))
+    err = _host_register(flat.data_ptr(), flat.numel())
     if err == 0:
         return True
     logger.warning("cudaHostRegister of %d bytes failed (cudaError %d): the block stays pageable", flat.numel(), err)
@@ -97,7 +112,7 @@ class HostSlab:
     def release_pin(self) -> None:
         """Unregister the pages; the memory stays valid pageable memory for any tensor still viewing it."""
         if self.pinned:
-            err = int(torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr()))
+            err = _host_unregister(self.flat.data_ptr())
             if err:
                 logger.warning("cudaHostUnregister failed (cudaError %d)", err)
                 _clear_cuda_error(self.device)

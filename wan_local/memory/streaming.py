@@ -42,16 +42,18 @@ import torch
 from torch import nn
 
 from wan_local.errors import InputError
-from wan_local.memory.block_layout import BlockLayout, block_nbytes, check_not_shared
+from wan_local.memory.block_layout import BlockLayout, block_nbytes, check_not_shared, move_unstreamed
 from wan_local.memory.pinned import (
     DEFAULT_CHUNK_BYTES,
     CopyThread,
     HostSlab,
     Load,
+    Staging,
     aligned_empty,
     issue_copy,
     make_staging,
     pin_plan,
+    pinning_available,
 )
 
 __all__ = ["BlockStreamer", "StreamStats", "block_nbytes", "move_unstreamed"]
@@ -64,12 +66,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StreamStats:
-    """Counters since install (or `reset_stats`). Times are seconds, sizes bytes.
+    """What the streamer holds and has done. Times are seconds; sizes are bytes, of the last prepare and attach.
 
+    Per-forward counters (forwards .. copy_s) count since the last `attach` or `reset_stats`.
     stall_s: time the compute waited for copies (CUDA: event pairs around the wait; CPU: the synchronous copies).
     copy_s: time the copies themselves took (CUDA: events on the copy stream; CPU: same as stall_s).
     Both are measured only by a streamer made with `timing=True` (profiling); otherwise they stay 0.
     on_demand_loads: loads not prefetched (first block of a run, or after an interrupted forward).
+    packs / pins: blocks packed into host slabs, and page-lock operations (slab registrations and staging
+    allocations), over the streamer's life: a re-attach adds neither.
     """
 
     forwards: int = 0
@@ -82,6 +87,8 @@ class StreamStats:
     pageable_bytes: int = 0
     staging_bytes: int = 0
     device_buffer_bytes: int = 0
+    packs: int = 0
+    pins: int = 0
 
     @property
     def bytes_per_forward(self) -> float:
@@ -100,9 +107,14 @@ class BlockStreamer:
     timing: measure stall_s and copy_s (profiling). On CUDA that records 4 timing events per block per forward,
         so production runs leave it off.
 
-    Usage: `install()` / `uninstall()`, or `with BlockStreamer(...):`. While installed, do not call
-    `model.to(...)` and do not train. `uninstall()` leaves every streamed tensor on its original device with
-    its original values (pageable, contiguous).
+    Lifecycle, in two halves so that a model parked and used again is not packed or pinned again:
+    - `prepare()`: the host side, once: pack every streamed block into its slab (pinned within the cap) and
+      re-point its tensors there, plus the staging chunks for pageable slabs.
+    - `attach()`: the device side: buffers, copy stream, events, copy thread and hooks (prepares first if needed).
+      `detach()` removes them again; the streamed tensors stay views of their slabs (host RAM, still pinned).
+    - `uninstall()`: detach, unpin, and give every streamed tensor back its original device.
+    `install()` = prepare + attach; `with BlockStreamer(...):` installs and uninstalls. While prepared, do not
+    move or convert the streamed blocks (`model.to(...)` only to the CPU) and do not train.
     """
 
     def __init__(
@@ -136,18 +148,24 @@ class BlockStreamer:
         self._layouts = self._build_layouts()
         check_not_shared(model, self._blocks, indices)
         self.stats = StreamStats()
-        self._installed = False
-        self._reset_state()
+        self._attached = False
+        self._reset_host()
+        self._reset_device()
 
     def _build_layouts(self) -> list[BlockLayout]:
         pairs = zip(self._blocks, self.indices, strict=True)
         cpu = self.device.type == "cpu"
         return [BlockLayout(b, f"{self._blocks_attr}.{i}", keep_alignment=cpu) for b, i in pairs]
 
-    def _reset_state(self) -> None:
-        """Empty per-install state (also what a failed install or an uninstall leaves behind)."""
+    def _reset_host(self) -> None:
+        """No host side (also what a failed prepare or an uninstall leaves behind)."""
         self._slabs: list[HostSlab] = []
         self._host_views: list[list[torch.Tensor]] = []
+        self._staging: Staging | None = None
+        self._prepared = False
+
+    def _reset_device(self) -> None:
+        """No device side (also what a failed attach or a detach leaves behind)."""
         self._buffers: list[torch.Tensor] = []
         self._dev_views: list[list[list[torch.Tensor]]] = []
         self._stream: torch.cuda.Stream | None = None
@@ -163,9 +181,19 @@ class BlockStreamer:
     # ------------------------------------------------------------------------------------------ lifecycle
 
     @property
+    def prepared(self) -> bool:
+        """Whether the streamed weights live in the streamer's host slabs (packed, pinned as planned)."""
+        return self._prepared
+
+    @property
     def installed(self) -> bool:
-        """Whether the hooks are attached and the streamed weights live in the streamer's slabs."""
-        return self._installed
+        """Whether the device side is attached: buffers allocated and hooks streaming every forward."""
+        return self._attached
+
+    @property
+    def pinned_host_bytes(self) -> int:
+        """Page-locked host bytes held now (pinned slabs + staging): kept while detached, 0 once uninstalled."""
+        return self.stats.pinned_bytes + self.stats.staging_bytes if self._prepared else 0
 
     @property
     def buffer_bytes(self) -> int:
@@ -173,22 +201,62 @@ class BlockStreamer:
         return max(layout.nbytes for layout in self._layouts)
 
     def install(self) -> BlockStreamer:
-        """Move streamed weights into host slabs, allocate the device buffers and attach the hooks.
+        """`prepare()` then `attach()`."""
+        if self._attached:
+            raise InputError("BlockStreamer.install(): already installed")
+        return self.prepare().attach()
+
+    def prepare(self) -> BlockStreamer:
+        """Pack the streamed weights into host slabs and pin them within the cap; nothing if already prepared.
 
         Host RAM: each block is packed into its slab and its tensors re-pointed there one block at a time, so the
         original storage is freed as it goes (peak = slabs + one block, if nothing else holds the originals).
         On failure everything done so far is undone and the error is re-raised.
         """
-        if self._installed:
-            raise InputError("BlockStreamer.install(): already installed")
+        if self._prepared:
+            return self
         self._layouts = self._build_layouts()  # the blocks may have changed (dtype, device) since __init__
+        sizes = [layout.nbytes for layout in self._layouts]
+        pin = [False] * len(sizes)
+        if pinning_available(self.device):
+            pin = pin_plan(sizes, self.pinned_cap_bytes, self.chunk_bytes)
         try:
             with torch.inference_mode(False), torch.no_grad():  # slabs and views must be usable outside it
-                self._install()
+                for layout, want_pin in zip(self._layouts, pin, strict=True):
+                    slab = HostSlab(layout.nbytes, want_pin, self.device)
+                    self._slabs.append(slab)
+                    layout.pack_into(slab.flat)
+                    views = layout.views(slab.flat)
+                    layout.point_at(views)  # the original storage is freed here, one block at a time
+                    self._host_views.append(views)
+                    self.stats.packs += 1
+                    self.stats.pins += slab.pinned
+                if self.device.type == "cuda" and not all(s.pinned for s in self._slabs):
+                    self._staging = make_staging(self.chunk_bytes)
+                    self.stats.pins += self._staging is not None
         except BaseException:
-            self._teardown()
+            self._release_host()
             raise
-        self._installed = True
+        self._prepared = True
+        s = self.stats
+        s.pinned_bytes = sum(slab.flat.numel() for slab in self._slabs if slab.pinned)
+        s.pageable_bytes = sum(slab.flat.numel() for slab in self._slabs if not slab.pinned)
+        s.staging_bytes = 0 if self._staging is None else self._staging.nbytes
+        return self
+
+    def attach(self) -> BlockStreamer:
+        """Allocate the device buffers and attach the hooks (prepares first if needed); zeroes the counters."""
+        if self._attached:
+            raise InputError("BlockStreamer.attach(): already installed")
+        self.prepare()
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                self._attach()
+        except BaseException:
+            self._detach()
+            raise
+        self._attached = True
+        self.reset_stats()
         s, mb = self.stats, 1e6
         logger.info(
             "streaming %d blocks to %s: %.0f MB pinned + %.0f MB pageable host, %d device buffers of %.1f MB",
@@ -197,52 +265,34 @@ class BlockStreamer:
         )
         return self
 
-    def _install(self) -> None:
-        cuda = self.device.type == "cuda"
-        sizes = [layout.nbytes for layout in self._layouts]
-        pin = pin_plan(sizes, self.pinned_cap_bytes, self.chunk_bytes) if cuda else [False] * len(sizes)
-        for layout, want_pin in zip(self._layouts, pin, strict=True):
-            slab = HostSlab(layout.nbytes, want_pin, self.device)
-            self._slabs.append(slab)
-            layout.pack_into(slab.flat)
-            views = layout.views(slab.flat)
-            layout.point_at(views)  # the original storage is freed here, one block at a time
-            self._host_views.append(views)
-        pinned = sum(s.flat.numel() for s in self._slabs if s.pinned)
-        pageable = sum(s.flat.numel() for s in self._slabs if not s.pinned)
+    def _attach(self) -> None:
         k = self.depth + 1
-        if cuda:  # the caching allocator aligns to 512 bytes
+        if self.device.type == "cuda":  # the caching allocator aligns to 512 bytes
             self._buffers = [torch.empty(self.buffer_bytes, dtype=torch.uint8, device=self.device) for _ in range(k)]
-        else:
-            self._buffers = [aligned_empty(self.buffer_bytes) for _ in range(k)]
-        self._dev_views = [[layout.views(buf) for layout in self._layouts] for buf in self._buffers]
-        staging_bytes = 0
-        if cuda:
             self._stream = torch.cuda.Stream(self.device)
             self._free = [torch.cuda.Event() for _ in range(k)]
             self._ready = [torch.cuda.Event() for _ in range(k)]
-            if pageable:
-                staging = make_staging(self.chunk_bytes)
-                staging_bytes = 0 if staging is None else staging.nbytes
-                self._thread = CopyThread(self.device, self._stream, staging)
-        self.stats = StreamStats(pinned_bytes=pinned, pageable_bytes=pageable, staging_bytes=staging_bytes)
+            if not all(s.pinned for s in self._slabs):
+                self._thread = CopyThread(self.device, self._stream, self._staging)
+        else:
+            self._buffers = [aligned_empty(self.buffer_bytes) for _ in range(k)]
+        self._dev_views = [[layout.views(buf) for layout in self._layouts] for buf in self._buffers]
         self.stats.device_buffer_bytes = k * self.buffer_bytes
         self._hooks.append(self.model.register_forward_pre_hook(self._on_model_forward, prepend=True))
         for pos, block in enumerate(self._blocks):
             self._hooks.append(block.register_forward_pre_hook(self._make_pre_hook(pos), prepend=True))
             self._hooks.append(block.register_forward_hook(self._make_post_hook(pos), always_call=True))
 
-    def uninstall(self) -> None:
-        """Detach the hooks and give every streamed tensor back its original device (values unchanged).
+    def detach(self) -> None:
+        """Remove the hooks and free the device side; the host slabs stay (pinned) for the next `attach`.
 
-        Synchronises the copy and compute streams once. Streamed tensors that lived on the CPU stay views of
-        their (now unpinned) slab: no copy. Tensors that lived on another device are copied back there.
+        Synchronises the copy and compute streams once. Idempotent.
         """
-        if self._installed:
-            self._teardown()
+        if self._attached:
+            self._detach()
 
-    def _teardown(self) -> None:
-        """Undo whatever part of `_install` happened; safe on a partial install."""
+    def _detach(self) -> None:
+        """Undo whatever part of `_attach` happened; safe on a partial attach."""
         try:
             self._discard_queue()
         finally:
@@ -254,16 +304,33 @@ class BlockStreamer:
             for hook in self._hooks:
                 hook.remove()
             with torch.inference_mode(False), torch.no_grad():
-                for layout, views, slab in zip(self._layouts, self._host_views, self._slabs, strict=False):
-                    layout.point_at(views)
-                    slab.release_pin()
-                    for s in layout.slots:
-                        if s.device.type != "cpu":
-                            s.owner.data = s.owner.data.to(s.device)
-                for slab in self._slabs[len(self._host_views) :]:  # packed but never pointed at
-                    slab.release_pin()
-            self._reset_state()
-            self._installed = False
+                for layout, views in zip(self._layouts, self._host_views, strict=True):
+                    layout.point_at(views)  # a forward stopped inside a block may have left device views
+            self._reset_device()
+            self._attached = False
+
+    def uninstall(self) -> None:
+        """Detach, unpin, and give every streamed tensor back its original device (values unchanged). Idempotent.
+
+        Streamed tensors that lived on the CPU stay views of their (now unpinned) slab: no copy. Tensors that
+        lived on another device are copied back there.
+        """
+        self.detach()
+        if self._prepared:
+            self._release_host()
+
+    def _release_host(self) -> None:
+        """Undo whatever part of `prepare` happened; safe on a partial prepare."""
+        with torch.inference_mode(False), torch.no_grad():
+            for layout, views, slab in zip(self._layouts, self._host_views, self._slabs, strict=False):
+                layout.point_at(views)
+                slab.release_pin()
+                for s in layout.slots:
+                    if s.device.type != "cpu":
+                        s.owner.data = s.owner.data.to(s.device)
+            for slab in self._slabs[len(self._host_views) :]:  # packed but never pointed at
+                slab.release_pin()
+        self._reset_host()
 
     def __enter__(self) -> BlockStreamer:
         return self.install()
@@ -272,7 +339,7 @@ class BlockStreamer:
         self.uninstall()
 
     def reset_stats(self) -> None:
-        """Zero the counters (keeps the byte sizes of slabs and buffers)."""
+        """Zero the per-forward counters (keeps the byte sizes and the packs / pins counts)."""
         self._resolve_timing(block=True)
         zero = {f: 0 for f in ("forwards", "loads", "on_demand_loads", "bytes_moved", "stall_s", "copy_s")}
         self.stats = dataclasses.replace(self.stats, **zero)
@@ -408,27 +475,3 @@ def _compute_device(device: torch.device | str) -> torch.device:
     if not torch.cuda.is_available():
         raise InputError(f"device={device!r}: CUDA is not available in this PyTorch build or machine")
     return torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
-
-
-def move_unstreamed(
-    model: nn.Module, streamed: Sequence[int], device: torch.device | str, *, blocks_attr: str = "blocks"
-) -> int:
-    """Move every parameter and buffer of `model` except those of the streamed blocks to `device`.
-
-    Returns the bytes now on `device` from this call. Tensors keep their identity (`.data` is re-pointed).
-    Call it before `BlockStreamer.install()` or after; never use `model.to(device)` with a streamer.
-    """
-    blocks = getattr(model, blocks_attr)
-    skip = {id(m) for i in streamed for m in blocks[i].modules()}
-    dev, moved, seen = torch.device(device), 0, set()
-    with torch.no_grad():
-        for module in model.modules():
-            if id(module) in skip:
-                continue
-            for t in [*module._parameters.values(), *module._buffers.values()]:
-                if t is None or id(t) in seen:
-                    continue
-                seen.add(id(t))
-                t.data = t.data.to(dev)
-                moved += t.numel() * t.element_size()
-    return moved

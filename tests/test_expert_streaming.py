@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from wan_local.memory import experts as experts_module
+from wan_local.memory import ledger as ledger_module
 from wan_local.memory import pinned
 from wan_local.memory import streaming as streaming_module
 from wan_local.memory.options import MemoryOptions
@@ -120,6 +121,8 @@ def test_kept_experts_are_packed_and_pinned_once(tiny, cache_dir, monkeypatch):
     """A kept expert keeps its packed, pinned slabs while idle: the next job only re-attaches; release unpins."""
     registered, unregistered = fake_pinning(monkeypatch)
     streamers = record_streamers(monkeypatch)
+    ledger = ledger_module.MemoryLedger()
+    monkeypatch.setattr(ledger_module, "_PROCESS_LEDGER", ledger)
     memory = MemoryOptions(keep_idle_expert="keep")
     pipe = WanPipeline(tiny / "t2v-A14B", "t2v-A14B", "cpu", torch.float32, memory, cache_dir=cache_dir)
     settings = _settings(tiny, "t2v-A14B")
@@ -131,6 +134,8 @@ def test_kept_experts_are_packed_and_pinned_once(tiny, cache_dir, monkeypatch):
     assert len(streamers) == 2 and all(s.prepared and not s.installed for s in streamers), "parked, slabs kept"
     assert [(s.stats.packs, s.stats.pins) for s in streamers] == [(NUM_BLOCKS, NUM_BLOCKS)] * 2
     assert len(registered) == 2 * NUM_BLOCKS and unregistered == []
+    pinned_bytes = [s.stats.pinned_bytes for s in streamers]
+    assert sorted(e.pinned_bytes for e in ledger.entries()) == sorted(pinned_bytes) and all(pinned_bytes)
 
     second = pipe.generate(settings)
     assert len(streamers) == 2, "the kept experts' streamers were re-attached, not made again"
@@ -143,4 +148,4 @@ def test_kept_experts_are_packed_and_pinned_once(tiny, cache_dir, monkeypatch):
 
     pipe.close()
     assert sorted(unregistered) == sorted(registered), "release unpins every slab"
-    assert not any(s.prepared for s in streamers) and pipe.experts.held() == []
+    assert not any(s.prepared for s in streamers) and pipe.experts.held() == [] and ledger.entries() == []

@@ -136,7 +136,7 @@ def test_the_ledger_holds_the_experts_the_policy_allows(tiny, tmp_path, monkeypa
         assert [high] in seen and [low] in seen and ledger.entries() == []
     else:
         entries = ledger.entries(kind="dit")
-        assert [e.name for e in entries] == [high, low]
+        assert sorted(e.name for e in entries) == [high, low], "the low-noise read may start first (prefetch)"
         assert all(e.state == "loaded" and e.host_bytes > 0 and e.vram_bytes == 0 for e in entries)
         assert all(e.evictable for e in entries), "idle experts can be evicted"
         # The ledger's eviction drops the least recently used idle expert (high-noise ran first) from the slots.

@@ -124,7 +124,7 @@ def bench_cpu(args: argparse.Namespace) -> dict:
     model = WanDiT(cfg).eval()  # the same weights, streamed; both run alternately so load noise hits both
     rss_two = rss()
     block_bytes = sum(block_nbytes(b) for b in model.blocks)
-    streamer = BlockStreamer(model, range(cfg.num_layers), "cpu", args.depth).install()
+    streamer = BlockStreamer(model, range(cfg.num_layers), "cpu", args.depth, timing=True).install()
     gc.collect()
     rss_installed = rss()
     resident_times, streamed_times = [], []
@@ -300,7 +300,7 @@ def bench_cuda(args: argparse.Namespace) -> dict:
                 resident = []
             streamed = [i for i in range(num_blocks) if i not in resident]
             move_unstreamed(stack, streamed, device)
-            streamer = BlockStreamer(stack, streamed, device, args.depth, pinned_cap).install()
+            streamer = BlockStreamer(stack, streamed, device, args.depth, pinned_cap, timing=True).install()
             sync()
             held = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)

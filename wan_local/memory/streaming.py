@@ -18,11 +18,10 @@ Slots are handed out round-robin, so the running block and the `prefetch_depth` 
 `prefetch_depth + 1` distinct slots. The buffers are owned here (never freed while installed), so no
 `record_stream` is needed.
 
-Pageable blocks are copied by one copy thread through two reused pinned staging chunks (host memcpy into one
-while the GPU reads the other), so the host memcpy overlaps both the DMA and the compute. The compute thread only
-waits, at block p's pre-hook, until p's copies are *issued*; that bounds how far the CPU runs ahead of the GPU to
-about `prefetch_depth` blocks but never idles the GPU. While the copy thread exists every load goes through it,
-which keeps the copy stream in load order. With all blocks pinned there is no thread and no host wait at all.
+Host memory (slabs, pinning, staging, the copy thread) is `pinned.py`'s. Pageable blocks are copied by its copy
+thread; the compute thread only waits, at block p's pre-hook, until p's copies are *issued*, which bounds how far
+the CPU runs ahead of the GPU to about `prefetch_depth` blocks. With all blocks pinned there is no thread and no
+host wait at all.
 
 On device "cpu" the same code runs without streams, events or pinning: loads are synchronous copies into the
 reused buffers, which lets CPU tests prove streamed == resident bit for bit.
@@ -34,236 +33,32 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import mmap
-import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from wan_local.errors import InputError
+from wan_local.memory.block_layout import BlockLayout, block_nbytes, check_not_shared, move_unstreamed
+from wan_local.memory.pinned import (
+    DEFAULT_CHUNK_BYTES,
+    CopyThread,
+    HostSlab,
+    Load,
+    Staging,
+    aligned_empty,
+    issue_copy,
+    make_staging,
+    pin_plan,
+    pinning_available,
+)
+
+__all__ = ["BlockStreamer", "StreamStats", "block_nbytes", "move_unstreamed"]
 
 logger = logging.getLogger(__name__)
-
-# Tensor starts inside a slab/buffer: the CUDA caching allocator's alignment, so kernels (cuBLAS picks by alignment)
-# see the same pointers' alignment as for resident weights.
-ALIGN_BYTES = 512
-DEFAULT_CHUNK_BYTES = 64 << 20  # pinned staging chunk for pageable blocks (two are allocated)
-_PAGE = mmap.PAGESIZE
-
-
-def _align(n: int, to: int) -> int:
-    return (n + to - 1) // to * to
-
-
-# ----------------------------------------------------------------------------------------------- layouts
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """One tensor of a block: the object whose `.data` is re-pointed, and where its bytes live in a slab."""
-
-    owner: torch.Tensor  # the nn.Parameter or buffer object registered on a submodule
-    dtype: torch.dtype
-    shape: torch.Size
-    offset: int
-    nbytes: int
-    device: torch.device  # where it lived before install (restored by uninstall)
-
-
-class _BlockLayout:
-    """Every parameter and buffer of one block, packed at aligned offsets of one flat byte range."""
-
-    def __init__(self, block: nn.Module, name: str) -> None:
-        self.slots: list[_Slot] = []
-        seen: set[int] = set()
-        offset = 0
-        for mod_name, module in block.named_modules():
-            tensors = [*module._parameters.items(), *module._buffers.items()]
-            for t_name, t in tensors:
-                if t is None or id(t) in seen:
-                    continue
-                seen.add(id(t))
-                _check_streamable(t, f"{name}.{mod_name}.{t_name}".replace("..", "."))
-                nbytes = t.numel() * t.element_size()
-                self.slots.append(_Slot(t, t.dtype, t.shape, offset, nbytes, t.device))
-                offset = _align(offset + nbytes, ALIGN_BYTES)
-        self.nbytes = offset
-
-    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Typed views of `flat` (uint8, >= self.nbytes) for every slot, in slot order."""
-        return [flat[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self.slots]
-
-    def pack_into(self, flat: torch.Tensor) -> None:
-        """Copy the current value of every slot into `flat` at its offset (contiguous, bit exact)."""
-        for s in self.slots:
-            src = s.owner.detach().contiguous().reshape(-1).view(torch.uint8)
-            flat[s.offset : s.offset + s.nbytes].copy_(src)
-
-    def point_at(self, views: list[torch.Tensor]) -> None:
-        """Re-point every slot's tensor at the matching view (same Parameter objects, new storage)."""
-        for s, v in zip(self.slots, views, strict=True):
-            s.owner.data = v
-
-
-def _check_streamable(t: torch.Tensor, name: str) -> None:
-    if type(t) not in (torch.Tensor, nn.Parameter) or t.layout != torch.strided or t.is_quantized:
-        raise InputError(
-            f"{name}: a {type(t).__name__} ({t.layout}) cannot be streamed; only plain dense tensors can "
-            "(store quantized weights as int8/fp8 tensors plus scale tensors)"
-        )
-    if t.is_meta:
-        raise InputError(f"{name} is on the meta device; load the weights before streaming the block")
-
-
-def block_nbytes(block: nn.Module) -> int:
-    """Bytes one streamed block occupies in a device buffer (its tensors at ALIGN_BYTES offsets).
-
-    The streamer's device cost is `(prefetch_depth + 1) * max(block_nbytes(b) for b in streamed blocks)`.
-    """
-    return _BlockLayout(block, "block").nbytes
-
-
-# ---------------------------------------------------------------------------------------------- host side
-
-
-def _pin(flat: torch.Tensor, device: torch.device) -> bool:
-    """Page-lock `flat` in place with cudaHostRegister (exact size, no power-of-two rounding)."""
-    err = int(torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), flat.numel(), 0))
-    if err == 0:
-        return True
-    logger.warning("cudaHostRegister of %d bytes failed (cudaError %d): the block stays pageable", flat.numel(), err)
-    _clear_cuda_error(device)
-    return False
-
-
-def _clear_cuda_error(device: torch.device) -> None:
-    """Drain the error a failed cudaHostRegister left in the runtime, before a later kernel check reports it."""
-    try:
-        torch.zeros(1, device=device).add_(1)
-        torch.cuda.synchronize(device)
-    except RuntimeError as exc:  # the stale registration error surfaces (once) here and is now cleared
-        logger.debug("cleared CUDA error after failed registration: %s", exc)
-
-
-class _HostSlab:
-    """One block's bytes in host memory, in the same layout as the device buffer."""
-
-    def __init__(self, nbytes: int, pin: bool, device: torch.device) -> None:
-        self.pinned, self.device = False, device
-        if pin and nbytes:
-            # Register whole pages that lie inside this allocation only: a page shared with another allocation
-            # could be registered twice (an error) or unregistered under someone else.
-            span = _align(nbytes, _PAGE)
-            raw = torch.empty(span + _PAGE, dtype=torch.uint8)
-            start = (-raw.data_ptr()) % _PAGE
-            self.flat = raw[start : start + span]
-            self.pinned = _pin(self.flat, device)
-        else:
-            self.flat = torch.empty(nbytes, dtype=torch.uint8)
-
-    def release_pin(self) -> None:
-        """Unregister the pages; the memory stays valid pageable memory for any tensor still viewing it."""
-        if self.pinned:
-            err = int(torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr()))
-            if err:
-                logger.warning("cudaHostUnregister failed (cudaError %d)", err)
-                _clear_cuda_error(self.device)
-            self.pinned = False
-
-
-# ------------------------------------------------------------------------------------------------- copies
-
-
-@dataclass(eq=False)
-class _Load:
-    """One copy of block `pos` into device slot `slot`; `done` is set once every copy is *issued*."""
-
-    pos: int
-    slot: int
-    src: torch.Tensor
-    dst: torch.Tensor
-    pinned: bool
-    free: torch.cuda.Event | None = None
-    ready: torch.cuda.Event | None = None
-    timing: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
-
-    def wait_issued(self) -> None:
-        self.done.wait()
-        if self.error is not None:
-            raise RuntimeError(f"copying streamed block {self.pos} failed: {self.error}") from self.error
-
-
-def _issue_copy(load: _Load, stream: torch.cuda.Stream, staging: _Staging | None) -> None:
-    """Queue load's host->device copy on `stream` (the caller made `stream` current)."""
-    stream.wait_event(load.free)
-    if load.timing:
-        load.timing[0].record(stream)
-    if staging is None:
-        load.dst.copy_(load.src, non_blocking=True)
-    else:
-        staging.copy(load.src, load.dst, stream)
-    if load.timing:
-        load.timing[1].record(stream)
-    load.ready.record(stream)
-
-
-class _Staging:
-    """Two pinned chunks a pageable slab is copied through: memcpy into one while the GPU reads the other."""
-
-    def __init__(self, chunk_bytes: int) -> None:
-        self.chunks = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        # "the H2D out of chunk i is done"; blocking, so the copy thread sleeps instead of spinning a core
-        self.events = [torch.cuda.Event(blocking=True) for _ in range(2)]
-        self.nbytes = 2 * chunk_bytes
-
-    def copy(self, src: torch.Tensor, dst: torch.Tensor, stream: torch.cuda.Stream) -> None:
-        size = self.chunks[0].numel()
-        for k, start in enumerate(range(0, src.numel(), size)):
-            i, n = k % 2, min(size, src.numel() - start)
-            self.events[i].synchronize()  # host waits for the copy stream only (this is the copy thread)
-            self.chunks[i][:n].copy_(src[start : start + n])
-            dst[start : start + n].copy_(self.chunks[i][:n], non_blocking=True)
-            self.events[i].record(stream)
-
-
-def _make_staging(chunk_bytes: int) -> _Staging | None:
-    """Pinned staging for pageable blocks, or None (then pageable copies go through the driver's own staging)."""
-    try:
-        return _Staging(chunk_bytes)
-    except RuntimeError as exc:  # pinned allocation refused: still correct, copies just overlap less
-        logger.warning("could not pin %d bytes of staging (%s); pageable blocks copy unstaged", 2 * chunk_bytes, exc)
-        return None
-
-
-class _CopyThread:
-    """Issues every load, in order, on the copy stream, so pageable memcpy never blocks the compute thread."""
-
-    def __init__(self, device: torch.device, stream: torch.cuda.Stream, staging: _Staging | None) -> None:
-        self.device, self.stream, self.staging = device, stream, staging
-        self.jobs: queue.Queue[_Load | None] = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name="wan-local-block-copy", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):  # both are per-thread state
-            while (load := self.jobs.get()) is not None:
-                try:
-                    _issue_copy(load, self.stream, None if load.pinned else self.staging)
-                except Exception as exc:  # handed to the compute thread, which raises it
-                    load.error = exc
-                finally:
-                    load.done.set()
-
-    def close(self) -> None:
-        self.jobs.put(None)
-        self.thread.join()
 
 
 # ---------------------------------------------------------------------------------------------- streamer
@@ -271,11 +66,15 @@ class _CopyThread:
 
 @dataclass
 class StreamStats:
-    """Counters since install (or `reset_stats`). Times are seconds, sizes bytes.
+    """What the streamer holds and has done. Times are seconds; sizes are bytes, of the last prepare and attach.
 
+    Per-forward counters (forwards .. copy_s) count since the last `attach` or `reset_stats`.
     stall_s: time the compute waited for copies (CUDA: event pairs around the wait; CPU: the synchronous copies).
     copy_s: time the copies themselves took (CUDA: events on the copy stream; CPU: same as stall_s).
+    Both are measured only by a streamer made with `timing=True` (profiling); otherwise they stay 0.
     on_demand_loads: loads not prefetched (first block of a run, or after an interrupted forward).
+    packs / pins: blocks packed into host slabs, and page-lock operations (slab registrations and staging
+    allocations), over the streamer's life: a re-attach adds neither.
     """
 
     forwards: int = 0
@@ -288,6 +87,8 @@ class StreamStats:
     pageable_bytes: int = 0
     staging_bytes: int = 0
     device_buffer_bytes: int = 0
+    packs: int = 0
+    pins: int = 0
 
     @property
     def bytes_per_forward(self) -> float:
@@ -303,11 +104,17 @@ class BlockStreamer:
     prefetch_depth: 1 or 2 loads in flight ahead of the running block; `prefetch_depth + 1` device buffers.
     pinned_cap_bytes: most page-locked host bytes (block slabs + staging); blocks beyond it stay pageable.
     chunk_bytes: size of each of the two pinned staging chunks used for pageable blocks.
-    timing: measure stall and copy times with CUDA events (a few events per block; off saves ~10 µs each).
+    timing: measure stall_s and copy_s (profiling). On CUDA that records 4 timing events per block per forward,
+        so production runs leave it off.
 
-    Usage: `install()` / `uninstall()`, or `with BlockStreamer(...):`. While installed, do not call
-    `model.to(...)` and do not train. `uninstall()` leaves every streamed tensor on its original device with
-    its original values (pageable, contiguous).
+    Lifecycle, in two halves so that a model parked and used again is not packed or pinned again:
+    - `prepare()`: the host side, once: pack every streamed block into its slab (pinned within the cap) and
+      re-point its tensors there, plus the staging chunks for pageable slabs.
+    - `attach()`: the device side: buffers, copy stream, events, copy thread and hooks (prepares first if needed).
+      `detach()` removes them again; the streamed tensors stay views of their slabs (host RAM, still pinned).
+    - `uninstall()`: detach, unpin, and give every streamed tensor back its original device.
+    `install()` = prepare + attach; `with BlockStreamer(...):` installs and uninstalls. While prepared, do not
+    move or convert the streamed blocks (`model.to(...)` only to the CPU) and do not train.
     """
 
     def __init__(
@@ -320,7 +127,7 @@ class BlockStreamer:
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         blocks_attr: str = "blocks",
-        timing: bool = True,
+        timing: bool = False,
     ) -> None:
         blocks = getattr(model, blocks_attr, None)
         if not isinstance(blocks, nn.ModuleList):
@@ -335,41 +142,58 @@ class BlockStreamer:
         self.device = _compute_device(device)
         self.model, self.indices, self.depth = model, indices, prefetch_depth
         self.pinned_cap_bytes, self.chunk_bytes = pinned_cap_bytes, chunk_bytes
-        self.timing = timing and self.device.type == "cuda"
+        self.timing = timing
         self._blocks = [blocks[i] for i in indices]
         self._blocks_attr = blocks_attr
         self._layouts = self._build_layouts()
-        _check_not_shared(model, self._blocks, indices)
+        check_not_shared(model, self._blocks, indices)
         self.stats = StreamStats()
-        self._installed = False
-        self._reset_state()
+        self._attached = False
+        self._reset_host()
+        self._reset_device()
 
-    def _build_layouts(self) -> list[_BlockLayout]:
+    def _build_layouts(self) -> list[BlockLayout]:
         pairs = zip(self._blocks, self.indices, strict=True)
-        return [_BlockLayout(b, f"{self._blocks_attr}.{i}") for b, i in pairs]
+        cpu = self.device.type == "cpu"
+        return [BlockLayout(b, f"{self._blocks_attr}.{i}", keep_alignment=cpu) for b, i in pairs]
 
-    def _reset_state(self) -> None:
-        """Empty per-install state (also what a failed install or an uninstall leaves behind)."""
-        self._slabs: list[_HostSlab] = []
+    def _reset_host(self) -> None:
+        """No host side (also what a failed prepare or an uninstall leaves behind)."""
+        self._slabs: list[HostSlab] = []
         self._host_views: list[list[torch.Tensor]] = []
+        self._staging: Staging | None = None
+        self._prepared = False
+
+    def _reset_device(self) -> None:
+        """No device side (also what a failed attach or a detach leaves behind)."""
         self._buffers: list[torch.Tensor] = []
         self._dev_views: list[list[list[torch.Tensor]]] = []
         self._stream: torch.cuda.Stream | None = None
-        self._thread: _CopyThread | None = None
+        self._thread: CopyThread | None = None
         self._free: list[torch.cuda.Event] = []
         self._ready: list[torch.cuda.Event] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._queue: deque[_Load] = deque()
-        self._current: _Load | None = None
+        self._queue: deque[Load] = deque()
+        self._current: Load | None = None
         self._next_slot = 0
         self._pending_timing: list[tuple[torch.cuda.Event, ...]] = []
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
     @property
+    def prepared(self) -> bool:
+        """Whether the streamed weights live in the streamer's host slabs (packed, pinned as planned)."""
+        return self._prepared
+
+    @property
     def installed(self) -> bool:
-        """Whether the hooks are attached and the streamed weights live in the streamer's slabs."""
-        return self._installed
+        """Whether the device side is attached: buffers allocated and hooks streaming every forward."""
+        return self._attached
+
+    @property
+    def pinned_host_bytes(self) -> int:
+        """Page-locked host bytes held now (pinned slabs + staging): kept while detached, 0 once uninstalled."""
+        return self.stats.pinned_bytes + self.stats.staging_bytes if self._prepared else 0
 
     @property
     def buffer_bytes(self) -> int:
@@ -377,22 +201,62 @@ class BlockStreamer:
         return max(layout.nbytes for layout in self._layouts)
 
     def install(self) -> BlockStreamer:
-        """Move streamed weights into host slabs, allocate the device buffers and attach the hooks.
+        """`prepare()` then `attach()`."""
+        if self._attached:
+            raise InputError("BlockStreamer.install(): already installed")
+        return self.prepare().attach()
+
+    def prepare(self) -> BlockStreamer:
+        """Pack the streamed weights into host slabs and pin them within the cap; nothing if already prepared.
 
         Host RAM: each block is packed into its slab and its tensors re-pointed there one block at a time, so the
         original storage is freed as it goes (peak = slabs + one block, if nothing else holds the originals).
         On failure everything done so far is undone and the error is re-raised.
         """
-        if self._installed:
-            raise InputError("BlockStreamer.install(): already installed")
+        if self._prepared:
+            return self
         self._layouts = self._build_layouts()  # the blocks may have changed (dtype, device) since __init__
+        sizes = [layout.nbytes for layout in self._layouts]
+        pin = [False] * len(sizes)
+        if pinning_available(self.device):
+            pin = pin_plan(sizes, self.pinned_cap_bytes, self.chunk_bytes)
         try:
             with torch.inference_mode(False), torch.no_grad():  # slabs and views must be usable outside it
-                self._install()
+                for layout, want_pin in zip(self._layouts, pin, strict=True):
+                    slab = HostSlab(layout.nbytes, want_pin, self.device)
+                    self._slabs.append(slab)
+                    layout.pack_into(slab.flat)
+                    views = layout.views(slab.flat)
+                    layout.point_at(views)  # the original storage is freed here, one block at a time
+                    self._host_views.append(views)
+                    self.stats.packs += 1
+                    self.stats.pins += slab.pinned
+                if self.device.type == "cuda" and not all(s.pinned for s in self._slabs):
+                    self._staging = make_staging(self.chunk_bytes)
+                    self.stats.pins += self._staging is not None
         except BaseException:
-            self._teardown()
+            self._release_host()
             raise
-        self._installed = True
+        self._prepared = True
+        s = self.stats
+        s.pinned_bytes = sum(slab.flat.numel() for slab in self._slabs if slab.pinned)
+        s.pageable_bytes = sum(slab.flat.numel() for slab in self._slabs if not slab.pinned)
+        s.staging_bytes = 0 if self._staging is None else self._staging.nbytes
+        return self
+
+    def attach(self) -> BlockStreamer:
+        """Allocate the device buffers and attach the hooks (prepares first if needed); zeroes the counters."""
+        if self._attached:
+            raise InputError("BlockStreamer.attach(): already installed")
+        self.prepare()
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                self._attach()
+        except BaseException:
+            self._detach()
+            raise
+        self._attached = True
+        self.reset_stats()
         s, mb = self.stats, 1e6
         logger.info(
             "streaming %d blocks to %s: %.0f MB pinned + %.0f MB pageable host, %d device buffers of %.1f MB",
@@ -401,62 +265,34 @@ class BlockStreamer:
         )
         return self
 
-    def _install(self) -> None:
-        cuda = self.device.type == "cuda"
-        pin = self._pin_plan() if cuda else [False] * len(self._layouts)
-        for layout, want_pin in zip(self._layouts, pin, strict=True):
-            slab = _HostSlab(layout.nbytes, want_pin, self.device)
-            self._slabs.append(slab)
-            layout.pack_into(slab.flat)
-            views = layout.views(slab.flat)
-            layout.point_at(views)  # the original storage is freed here, one block at a time
-            self._host_views.append(views)
-        pinned = sum(s.flat.numel() for s in self._slabs if s.pinned)
-        pageable = sum(s.flat.numel() for s in self._slabs if not s.pinned)
+    def _attach(self) -> None:
         k = self.depth + 1
-        self._buffers = [torch.empty(self.buffer_bytes, dtype=torch.uint8, device=self.device) for _ in range(k)]
-        self._dev_views = [[layout.views(buf) for layout in self._layouts] for buf in self._buffers]
-        staging_bytes = 0
-        if cuda:
+        if self.device.type == "cuda":  # the caching allocator aligns to 512 bytes
+            self._buffers = [torch.empty(self.buffer_bytes, dtype=torch.uint8, device=self.device) for _ in range(k)]
             self._stream = torch.cuda.Stream(self.device)
             self._free = [torch.cuda.Event() for _ in range(k)]
             self._ready = [torch.cuda.Event() for _ in range(k)]
-            if pageable:
-                staging = _make_staging(self.chunk_bytes)
-                staging_bytes = 0 if staging is None else staging.nbytes
-                self._thread = _CopyThread(self.device, self._stream, staging)
-        self.stats = StreamStats(pinned_bytes=pinned, pageable_bytes=pageable, staging_bytes=staging_bytes)
+            if not all(s.pinned for s in self._slabs):
+                self._thread = CopyThread(self.device, self._stream, self._staging)
+        else:
+            self._buffers = [aligned_empty(self.buffer_bytes) for _ in range(k)]
+        self._dev_views = [[layout.views(buf) for layout in self._layouts] for buf in self._buffers]
         self.stats.device_buffer_bytes = k * self.buffer_bytes
         self._hooks.append(self.model.register_forward_pre_hook(self._on_model_forward, prepend=True))
         for pos, block in enumerate(self._blocks):
             self._hooks.append(block.register_forward_pre_hook(self._make_pre_hook(pos), prepend=True))
             self._hooks.append(block.register_forward_hook(self._make_post_hook(pos), always_call=True))
 
-    def _pin_plan(self) -> list[bool]:
-        """Which blocks to page-lock: all if they fit the cap, else greedily in order within cap - staging."""
-        sizes = [_align(layout.nbytes, _PAGE) for layout in self._layouts]
-        if sum(sizes) <= self.pinned_cap_bytes:
-            return [True] * len(sizes)
-        budget = max(0, self.pinned_cap_bytes - 2 * self.chunk_bytes)
-        plan = []
-        for size in sizes:
-            plan.append(size <= budget)
-            budget -= size if plan[-1] else 0
-        cap_gb = self.pinned_cap_bytes / 1e9
-        logger.info("pinned cap %.2f GB: %d of %d streamed blocks pinned, rest pageable", cap_gb, sum(plan), len(plan))
-        return plan
+    def detach(self) -> None:
+        """Remove the hooks and free the device side; the host slabs stay (pinned) for the next `attach`.
 
-    def uninstall(self) -> None:
-        """Detach the hooks and give every streamed tensor back its original device (values unchanged).
-
-        Synchronises the copy and compute streams once. Streamed tensors that lived on the CPU stay views of
-        their (now unpinned) slab: no copy. Tensors that lived on another device are copied back there.
+        Synchronises the copy and compute streams once. Idempotent.
         """
-        if self._installed:
-            self._teardown()
+        if self._attached:
+            self._detach()
 
-    def _teardown(self) -> None:
-        """Undo whatever part of `_install` happened; safe on a partial install."""
+    def _detach(self) -> None:
+        """Undo whatever part of `_attach` happened; safe on a partial attach."""
         try:
             self._discard_queue()
         finally:
@@ -468,16 +304,33 @@ class BlockStreamer:
             for hook in self._hooks:
                 hook.remove()
             with torch.inference_mode(False), torch.no_grad():
-                for layout, views, slab in zip(self._layouts, self._host_views, self._slabs, strict=False):
-                    layout.point_at(views)
-                    slab.release_pin()
-                    for s in layout.slots:
-                        if s.device.type != "cpu":
-                            s.owner.data = s.owner.data.to(s.device)
-                for slab in self._slabs[len(self._host_views) :]:  # packed but never pointed at
-                    slab.release_pin()
-            self._reset_state()
-            self._installed = False
+                for layout, views in zip(self._layouts, self._host_views, strict=True):
+                    layout.point_at(views)  # a forward stopped inside a block may have left device views
+            self._reset_device()
+            self._attached = False
+
+    def uninstall(self) -> None:
+        """Detach, unpin, and give every streamed tensor back its original device (values unchanged). Idempotent.
+
+        Streamed tensors that lived on the CPU stay views of their (now unpinned) slab: no copy. Tensors that
+        lived on another device are copied back there.
+        """
+        self.detach()
+        if self._prepared:
+            self._release_host()
+
+    def _release_host(self) -> None:
+        """Undo whatever part of `prepare` happened; safe on a partial prepare."""
+        with torch.inference_mode(False), torch.no_grad():
+            for layout, views, slab in zip(self._layouts, self._host_views, self._slabs, strict=False):
+                layout.point_at(views)
+                slab.release_pin()
+                for s in layout.slots:
+                    if s.device.type != "cpu":
+                        s.owner.data = s.owner.data.to(s.device)
+            for slab in self._slabs[len(self._host_views) :]:  # packed but never pointed at
+                slab.release_pin()
+        self._reset_host()
 
     def __enter__(self) -> BlockStreamer:
         return self.install()
@@ -486,7 +339,7 @@ class BlockStreamer:
         self.uninstall()
 
     def reset_stats(self) -> None:
-        """Zero the counters (keeps the byte sizes of slabs and buffers)."""
+        """Zero the per-forward counters (keeps the byte sizes and the packs / pins counts)."""
         self._resolve_timing(block=True)
         zero = {f: 0 for f in ("forwards", "loads", "on_demand_loads", "bytes_moved", "stall_s", "copy_s")}
         self.stats = dataclasses.replace(self.stats, **zero)
@@ -540,20 +393,21 @@ class BlockStreamer:
             last = self._queue[-1] if self._queue else self._current
             self._queue.append(self._issue(0 if last is None else (last.pos + 1) % m))
 
-    def _issue(self, pos: int) -> _Load:
+    def _issue(self, pos: int) -> Load:
         slot = self._next_slot
         self._next_slot = (slot + 1) % len(self._buffers)
         nbytes = self._layouts[pos].nbytes
         slab = self._slabs[pos]
-        load = _Load(pos, slot, slab.flat[:nbytes], self._buffers[slot][:nbytes], slab.pinned)
+        load = Load(pos, slot, slab.flat[:nbytes], self._buffers[slot][:nbytes], slab.pinned)
         self.stats.loads += 1
         self.stats.bytes_moved += nbytes
         if self._stream is None:  # CPU: a synchronous copy into the reused buffer
-            t0 = time.perf_counter()
+            t0 = time.perf_counter() if self.timing else 0.0
             load.dst.copy_(load.src)
-            elapsed = time.perf_counter() - t0
-            self.stats.copy_s += elapsed
-            self.stats.stall_s += elapsed
+            if self.timing:
+                elapsed = time.perf_counter() - t0
+                self.stats.copy_s += elapsed
+                self.stats.stall_s += elapsed
             load.done.set()
             return load
         load.free, load.ready = self._free[slot], self._ready[slot]
@@ -563,11 +417,11 @@ class BlockStreamer:
             self._thread.jobs.put(load)
         else:
             with torch.cuda.stream(self._stream):
-                _issue_copy(load, self._stream, None)
+                issue_copy(load, self._stream, None)
             load.done.set()
         return load
 
-    def _wait_ready(self, load: _Load) -> None:
+    def _wait_ready(self, load: Load) -> None:
         """Make the compute stream wait for the load's copy (GPU side; the host waits only for its issue)."""
         load.wait_issued()
         if self._stream is None:
@@ -582,7 +436,7 @@ class BlockStreamer:
         else:
             compute.wait_event(load.ready)
 
-    def _release(self, load: _Load) -> None:
+    def _release(self, load: Load) -> None:
         """The block at load.pos is done: free its slot after the queued compute, point it back at the host."""
         if self._stream is not None:
             self._free[load.slot].record(torch.cuda.current_stream(self.device))
@@ -621,44 +475,3 @@ def _compute_device(device: torch.device | str) -> torch.device:
     if not torch.cuda.is_available():
         raise InputError(f"device={device!r}: CUDA is not available in this PyTorch build or machine")
     return torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
-
-
-def _check_not_shared(model: nn.Module, blocks: list[nn.Module], indices: list[int]) -> None:
-    """A streamed tensor must belong to its block only (re-pointing it would move it for every owner)."""
-    owner_of_module = {id(m): i for b, i in zip(blocks, indices, strict=True) for m in b.modules()}
-    owner_of_tensor: dict[int, int | None] = {}
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        owner = owner_of_module.get(id(module))
-        for t_name, t in [*module._parameters.items(), *module._buffers.items()]:
-            if t is None:
-                continue
-            previous = owner_of_tensor.setdefault(id(t), owner)
-            if previous != owner:
-                raise InputError(
-                    f"{mod_name}.{t_name} is shared between block {previous} and {owner}; shared tensors cannot "
-                    "be streamed"
-                )
-
-
-def move_unstreamed(
-    model: nn.Module, streamed: Sequence[int], device: torch.device | str, *, blocks_attr: str = "blocks"
-) -> int:
-    """Move every parameter and buffer of `model` except those of the streamed blocks to `device`.
-
-    Returns the bytes now on `device` from this call. Tensors keep their identity (`.data` is re-pointed).
-    Call it before `BlockStreamer.install()` or after; never use `model.to(device)` with a streamer.
-    """
-    blocks = getattr(model, blocks_attr)
-    skip = {id(m) for i in streamed for m in blocks[i].modules()}
-    dev, moved, seen = torch.device(device), 0, set()
-    with torch.no_grad():
-        for module in model.modules():
-            if id(module) in skip:
-                continue
-            for t in [*module._parameters.values(), *module._buffers.values()]:
-                if t is None or id(t) in seen:
-                    continue
-                seen.add(id(t))
-                t.data = t.data.to(dev)
-                moved += t.numel() * t.element_size()
-    return moved

@@ -261,3 +261,42 @@ def test_the_worker_admits_each_job_again_when_it_claims_it(tiny, tmp_path, stor
 
 def _no_pipeline():
     raise InputError("no pipeline in this test")
+
+
+def test_the_runner_accounts_what_it_holds_and_evicts_it_for_a_job_that_needs_the_room(tiny, tmp_path, monkeypatch):
+    """Models kept from a job are in the process's memory ledger (and its snapshot for the Models tab); a later job
+    that fits only without them evicts them (least recently used first) instead of being refused."""
+    import dataclasses
+    import json
+
+    import wan_local.machine
+    from wan_local.engine.admit import admit_job
+    from wan_local.engine.resolve import resolve_job
+    from wan_local.memory.ledger import process_ledger
+    from wan_local.presets import ram_safety_margin_bytes
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    ledger = process_ledger()
+    earlier = {e.key for e in ledger.entries()}  # what other tests in this process may still hold
+    fits = dict(ckpt_dir=str(tiny / "t2v-A14B"), size=(64, 48), frames=5, steps=6, device="cpu", dtype="fp32")
+    first = _add(store, "a fox", memory={"keep_idle_expert": "keep"}, **fits)
+    runner = PipelineRunner(tmp_path / "out", tmp_path / "previews", loaded_path=tmp_path / "loaded.json")
+    runner.run(store.claim_next("w"), lambda p: None, None)
+    store.finish(first.id, "w", "done")
+    held = ledger.total("host")
+    snapshot = json.loads((tmp_path / "loaded.json").read_text())["entries"]
+    kinds = sorted(e["kind"] for e in snapshot if e["key"] not in earlier)
+    assert kinds == ["dit", "dit", "vae"] and held > 0
+
+    second = _add(store, "an owl", **fits)
+    real = dataclasses.replace(wan_local.machine.detect_machine(), ram_total_bytes=8 * 2**30)
+    peak = admit_job(resolve_job(second.settings, machine=real)).estimate.peak_ram_bytes
+    free_when_empty = ram_safety_margin_bytes(real) + peak  # the job just fits once nothing else is held
+    monkeypatch.setattr(
+        wan_local.machine, "detect_machine",
+        lambda *a, **k: dataclasses.replace(real, ram_available_bytes=free_when_empty - ledger.total("host")),
+    )  # fmt: skip
+    _, admission = runner.admit(store.claim_next("w"))
+    assert admission.admitted and ledger.total("host") < held, "idle models were evicted to make room"
+    assert not [e for e in ledger.entries() if e.kind == "dit" and e.key not in earlier], "kept experts went first"
+    runner.close()

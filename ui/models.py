@@ -23,6 +23,12 @@ class ModelsHandlers:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
 
+    def loaded(self) -> str:
+        """The Models tab's "Loaded in the worker" table."""
+        from wan_local.jobs.worker import LOADED_MODELS_NAME
+
+        return loaded_models_markdown(self.ctx.store.folder / LOADED_MODELS_NAME)
+
     def folder(self, task: str) -> str:
         """The task's model folder from the settings ("" when unset)."""
         return self.ctx.settings.current.model_dir(get_task(task).name) or ""
@@ -84,6 +90,34 @@ class ModelsHandlers:
             log.error("could not save the model folder of %s: %s", task, exc)
 
 
+def loaded_models_markdown(path: Path) -> str:
+    """What the worker holds (its memory ledger, as `PipelineRunner.publish_loaded` writes it) as a table."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return "Nothing loaded yet: the worker loads models when it runs a job."
+    except (OSError, ValueError) as exc:
+        return f"Cannot read {path.name} ({exc})."
+    entries = data.get("entries") or []
+    if not entries:
+        return "Nothing is loaded (the last job's models were released)."
+    rows = ["| model | RAM | pinned | VRAM | |", "|---|---|---|---|---|"]
+    for e in entries:
+        idle = "idle, freed when RAM is needed" if e.get("evictable") else e.get("state", "")
+        rows.append(
+            f"| {e.get('name', '?')} | {_gb(e.get('host_bytes', 0))} | {_gb(e.get('pinned_bytes', 0))} "
+            f"| {_gb(e.get('vram_bytes', 0))} | {idle} |"
+        )
+    total = sum(int(e.get("host_bytes", 0)) for e in entries)
+    return "\n".join([*rows, "", f"{len(entries)} loaded, {_gb(total)} of RAM in all."])
+
+
+def _gb(n_bytes: int) -> str:
+    return f"{int(n_bytes) / 2**30:.1f} GiB"
+
+
 def build_models_tab(ctx: AppContext) -> ModelsHandlers:
     """Lay out the Models tab inside the current gr.Tab and wire its events."""
     import gradio as gr
@@ -117,6 +151,8 @@ def build_models_tab(ctx: AppContext) -> ModelsHandlers:
         status_boxes.append(status)
         line_boxes.append(line)
 
+    gr.Markdown("### Loaded in the worker")
+    loaded = gr.Markdown(handlers.loaded(), elem_id="models-loaded")
     timer = gr.Timer(REFRESH_S)
 
     def refresh() -> list[Any]:
@@ -124,7 +160,7 @@ def build_models_tab(ctx: AppContext) -> ModelsHandlers:
         busy = [ctx.hub.status(t).state != "idle" for t in tasks]
         lines = [handlers.download_line(t) if b else gr.skip() for t, b in zip(tasks, busy, strict=True)]
         statuses = [handlers.status(t) if b else gr.skip() for t, b in zip(tasks, busy, strict=True)]
-        return [*lines, *statuses]
+        return [*lines, *statuses, handlers.loaded()]
 
-    timer.tick(refresh, None, [*line_boxes, *status_boxes])
+    timer.tick(refresh, None, [*line_boxes, *status_boxes, loaded])
     return handlers

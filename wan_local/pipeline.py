@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from wan_local.kernels import JobKernels, choose_kernels, detect_software
 from wan_local.machine import detect_machine
 from wan_local.memory.estimate import JobEstimate, estimate_job
 from wan_local.memory.experts import ExpertSlots
+from wan_local.memory.ledger import process_ledger
 from wan_local.memory.options import MemoryOptions
 from wan_local.memory.plan import ResidencyPlan
 from wan_local.memory.vae_tiling import choose_tile, default_overlap, tiled_decode, tiled_encode
@@ -103,6 +105,8 @@ class WanPipeline:
             self.files.dit, self.spec.model_type, self.device, dtype, self.memory, self.cache_dir / "quantized"
         )
         self._vae = None
+        self._vae_key: int | None = None
+        self.ledger = process_ledger()  # the experts record themselves there too (ExpertSlots)
 
     # ------------------------------------------------------------------------------------------------ stages
 
@@ -136,20 +140,37 @@ class WanPipeline:
         if missing:
             tokenizer = PromptTokenizer.from_dir(self.files.tokenizer)
             encoder = load_text_encoder(self.files.text_encoder, dtype=self.dtype)
-            ids, mask = tokenizer([prompt, negative_prompt], max_length=self.spec.text_len)
-            with torch.no_grad():
-                for i in missing:  # one prompt at a time, as the reference (batch 1 each)
-                    contexts[i] = encoder.encode(ids[i : i + 1], mask[i : i + 1])[0]
-                    self.prompt_cache.put(keys[i], contexts[i])
-            del encoder
+            key = self.ledger.register(f"{self.spec.name} UMT5", "text_encoder", host_bytes=_weight_bytes(encoder))
+            try:
+                ids, mask = tokenizer([prompt, negative_prompt], max_length=self.spec.text_len)
+                with torch.no_grad():
+                    for i in missing:  # one prompt at a time, as the reference (batch 1 each)
+                        contexts[i] = encoder.encode(ids[i : i + 1], mask[i : i + 1])[0]
+                        self.prompt_cache.put(keys[i], contexts[i])
+            finally:
+                del encoder
+                self.ledger.release(key)
         return contexts[0].to(self.device), contexts[1].to(self.device)
 
     @property
     def vae(self):
-        """The task's VAE, loaded once (float32); it lives on the CPU between its uses."""
+        """The task's VAE, loaded once (float32); it lives on the CPU between its uses, recorded in the ledger as
+        evictable (dropped and read again later when another job needs the RAM)."""
         if self._vae is None:
-            self._vae = load_vae(self.files.vae, self.spec.vae)
+            vae = load_vae(self.files.vae, self.spec.vae)
+            name = f"{self.spec.name} VAE"
+            self._vae_key = self.ledger.register(name, "vae", host_bytes=_weight_bytes(vae), evict=self._drop_vae)
+            weakref.finalize(vae, self.ledger.release, self._vae_key)  # dropped without close(): not counted on
+            self._vae = vae
+        elif self._vae_key is not None:
+            self.ledger.touch(self._vae_key)
         return self._vae
+
+    def _drop_vae(self) -> bool:
+        key, self._vae, self._vae_key = self._vae_key, None, None
+        if key is not None:
+            self.ledger.release(key)
+        return True
 
     def _vae_tile(self, plan: ResidencyPlan | None, latent_hw: tuple[int, int]) -> tuple[int, int] | None:
         """Spatial tile (latent positions) for the VAE, or None for an untiled decode."""
@@ -297,7 +318,7 @@ class WanPipeline:
     def close(self) -> None:
         """Release every model this pipeline holds."""
         self.experts.release()
-        self._vae = None
+        self._drop_vae()
 
 
 class NonFiniteResult(WanLocalError):
@@ -310,6 +331,11 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
             f"{what} holds NaN or infinite values, so no video was written: a damaged model file, an extreme "
             "guidance scale or shift, or a numeric overflow (try --dtype bf16 on the GPU or other settings)"
         )
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers as held now."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
 def _free_device_bytes(device: torch.device) -> int:

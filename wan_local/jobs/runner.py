@@ -14,6 +14,7 @@ would need per-channel RGB factors fitted against the real VAE decoder; `PREVIEW
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -204,7 +205,8 @@ class PipelineRunner:
     now (RAM changes overnight), run, save the MP4 with its settings embedded.
 
     output_dir is used for jobs without an explicit output; previews go to preview_dir/job<id>.png and are
-    written every `preview_every` steps. The loaded models live in `pipelines` between jobs.
+    written every `preview_every` steps. The loaded models live in `pipelines` between jobs, each recorded in the
+    process's memory ledger, whose contents are written to `loaded_path` (JSON) for the app after each job.
     """
 
     def __init__(
@@ -214,6 +216,7 @@ class PipelineRunner:
         *,
         preview_every: int = 1,
         resume_points: ResumePoints | None = None,
+        loaded_path: Path | None = None,
     ) -> None:
         from wan_local.engine.run import Pipelines
 
@@ -221,6 +224,7 @@ class PipelineRunner:
         self.preview_dir = Path(preview_dir)
         self.preview_every = max(1, preview_every)
         self.resume_points = resume_points
+        self.loaded_path = Path(loaded_path) if loaded_path is not None else None
         self.pipelines = Pipelines(keep=2)
 
     def close(self) -> None:
@@ -228,23 +232,48 @@ class PipelineRunner:
         self.pipelines.close()
 
     def admit(self, job: Job):
-        """(resolved job, admission) for `job` on this machine now. Models kept from earlier jobs count as free
-        RAM: when the job is refused while some are held, they are released and the job is judged again."""
+        """(resolved job, admission) for `job` on this machine now. Weights kept from earlier jobs (idle experts,
+        VAEs: the process's memory ledger) count as free RAM: when the job is refused, the least recently used
+        are evicted until it would fit, and it is judged again."""
         from wan_local.engine.admit import admit_job
         from wan_local.engine.resolve import resolve_job
+        from wan_local.memory.ledger import process_ledger
+        from wan_local.presets import ram_safety_margin_bytes
 
         resolved = resolve_job(job.settings, seed=job.resolved_seed)
         admission = admit_job(resolved, force=job.settings.force)
-        if not admission.admitted and self.pipelines.loaded:
-            log.info("job %d: not admitted with models held from earlier jobs; releasing them", job.id)
-            self.close()
+        ledger = process_ledger()
+        held = ledger.total("host")
+        if not admission.admitted and held:
+            machine = resolved.machine
+            usable = machine.ram_available_bytes - ram_safety_margin_bytes(machine)
+            short = admission.estimate.peak_ram_bytes - usable if admission.estimate is not None else held
+            evicted = ledger.make_room(max(1, short), held)
+            log.info("job %d: evicted %d idle model(s) to make room; judging it again", job.id, len(evicted))
             gc.collect()
             resolved = resolve_job(job.settings, seed=job.resolved_seed)
             admission = admit_job(resolved, force=job.settings.force)
+        self.publish_loaded()
         admission.raise_if_refused()
         if admission.degraded or admission.forced:
             log.warning("job %d: %s", job.id, admission.message)
         return resolved, admission
+
+    def publish_loaded(self) -> None:
+        """Write what this process holds (the memory ledger) to `loaded_path` for the app's Models tab."""
+        if self.loaded_path is None:
+            return
+        import json
+
+        from wan_local.memory.ledger import process_ledger
+
+        entries = [dataclasses.asdict(e) for e in process_ledger().entries()]
+        tmp = self.loaded_path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps({"pid": os.getpid(), "updated_at": time.time(), "entries": entries}))
+            os.replace(tmp, self.loaded_path)
+        except OSError as exc:  # a full disk must not fail the job for a status file
+            log.warning("cannot write %s: %s", self.loaded_path, exc)
 
     def run(self, job: Job, on_progress: Callable[[Progress], None], cancel: CancelToken) -> Path:
         """Generate `job`'s video, save it with its settings embedded, return the path."""
@@ -272,6 +301,7 @@ class PipelineRunner:
 
             saved = save_video(result.video, output, result.fps, metadata)
             self._discard_resume_point(job)
+            self.publish_loaded()
             return saved
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):

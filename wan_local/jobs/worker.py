@@ -277,6 +277,10 @@ def fallback_preset(name: str | None) -> str | None:
     return preset.fallback if preset is not None else None
 
 
+#: The worker's account of the models it holds (its memory ledger), next to the queue, for the Models tab.
+LOADED_MODELS_NAME = "loaded-models.json"
+
+
 def worker_command(args: argparse.Namespace, lower_preset: LowerPreset | None = fallback_preset) -> int:
     """Run the worker for parsed `args`; SIGTERM / first Ctrl-C stop it gracefully (the job is re-queued)."""
     from wan_local.jobs.runner import PipelineRunner, ResumePoints
@@ -284,7 +288,11 @@ def worker_command(args: argparse.Namespace, lower_preset: LowerPreset | None = 
     store = JobStore(args.store)
     resume_points = ResumePoints(store.folder / "resume", every_s=args.checkpoint_every_s)
     runner = PipelineRunner(
-        store.outputs_dir, store.previews_dir, preview_every=args.preview_every, resume_points=resume_points
+        store.outputs_dir,
+        store.previews_dir,
+        preview_every=args.preview_every,
+        resume_points=resume_points,
+        loaded_path=store.folder / LOADED_MODELS_NAME,
     )
     stop = threading.Event()
 

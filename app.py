@@ -21,17 +21,17 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from wan_local.jobs.supervisor import WorkerProcess  # starts or adopts the worker; light: no torch
 
 log = logging.getLogger("wan_local.app")
 
 PORT_ATTEMPTS = 100
 PASSWORD_ENV = "WAN_LOCAL_PASSWORD"
 DEFAULT_USER = "wan"
-WORKER_STOP_TIMEOUT_S = 20.0
 _PROBE = (
     "import dataclasses, json; from wan_local.machine import detect_machine; "
     "print(json.dumps(dataclasses.asdict(detect_machine(__import__('sys').argv[1]))))"
@@ -107,72 +107,6 @@ def probe_machine(disk_path: Path, timeout_s: float = 120.0) -> Any:
 
     vm = psutil.virtual_memory()
     return MachineInfo(None, 0, 0, None, int(vm.total), int(vm.available), int(shutil.disk_usage(disk_path).free))
-
-
-class WorkerProcess:
-    """The worker child process: started with the app, stopped with it, restartable from the Queue tab.
-
-    Stopping sends SIGTERM (the worker hands its current job back to the front of the queue), waits, then kills.
-    """
-
-    def __init__(self, store_path: Path, *, env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
-        self.store_path = Path(store_path)
-        self.env = env
-        self.log_path = Path(log_path) if log_path is not None else self.store_path.parent / "worker.log"
-        self.proc: subprocess.Popen | None = None
-        self.started_at: float | None = None
-
-    def start(self) -> WorkerProcess:
-        """Spawn the worker (`python -m wan_local worker --store <queue>`)."""
-        from wan_local.jobs.worker import spawn_worker
-
-        self.proc = spawn_worker(self.store_path, log_path=self.log_path, env=self.env)
-        self.started_at = time.time()
-        log.info("worker started (pid %d), log: %s", self.proc.pid, self.log_path)
-        return self
-
-    def alive(self) -> bool:
-        """Whether the worker process is running."""
-        return self.proc is not None and self.proc.poll() is None
-
-    def _last_log_line(self) -> str:
-        try:
-            with self.log_path.open("rb") as fh:
-                fh.seek(max(0, self.log_path.stat().st_size - 4096))
-                lines = [line for line in fh.read().decode(errors="replace").splitlines() if line.strip()]
-        except OSError:
-            return ""
-        return lines[-1].strip() if lines else ""
-
-    def describe(self) -> str:
-        """One line: running (pid), or stopped with its exit code and last log line."""
-        if self.proc is None:
-            return "The worker is not started."
-        code = self.proc.poll()
-        if code is None:
-            return f"Worker running (pid {self.proc.pid}); log: {self.log_path}"
-        last = self._last_log_line()
-        return f"The worker stopped (exit code {code}). Last log line: {last or '(none)'} — full log: {self.log_path}."
-
-    def restart(self) -> str:
-        """Stop the worker if it runs and start a new one."""
-        self.stop()
-        self.start()
-        return f"Worker restarted (pid {self.proc.pid})."
-
-    def stop(self, timeout_s: float = WORKER_STOP_TIMEOUT_S) -> None:
-        """SIGTERM, wait up to `timeout_s` for the job to be handed back, then kill."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            log.warning("the worker did not stop within %.0f s; killing it", timeout_s)
-            proc.kill()
-            proc.wait()
-        log.info("worker stopped (exit code %s)", proc.returncode)
 
 
 def network_access(

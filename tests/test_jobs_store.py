@@ -302,7 +302,10 @@ def test_queue_commands(tiny, tmp_path, capsys):
 
 
 def test_importing_the_queue_does_not_import_torch():
-    code = "import sys, wan_local.jobs.commands, wan_local.jobs.worker; print('torch' in sys.modules)"
+    code = (
+        "import sys, wan_local.jobs.commands, wan_local.jobs.worker, wan_local.jobs.supervisor, "
+        "wan_local.jobs.housekeeping; print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -3,13 +3,16 @@ running the tiny models that is killed mid-job, restarted, and loses nothing."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import re
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -300,3 +303,136 @@ def test_the_runner_accounts_what_it_holds_and_evicts_it_for_a_job_that_needs_th
     assert admission.admitted and ledger.total("host") < held, "idle models were evicted to make room"
     assert not [e for e in ledger.entries() if e.kind == "dit" and e.key not in earlier], "kept experts went first"
     runner.close()
+
+
+# ---------------------------------------------------------------------------------------------------- many kills
+
+FAULT_WORKER = (str(Path(__file__).with_name("fault_worker.py")),)
+KILL_POINTS = ("load", "denoise", "decode", "mp4", "commit")
+
+
+def _temp_files(root: Path) -> list[Path]:
+    """Temp files of interrupted writes anywhere under `root` (hidden files, *.tmp, *.part)."""
+    return [p for p in root.rglob("*") if p.is_file() and (p.name.startswith(".") or p.suffix in (".tmp", ".part"))]
+
+
+def _runs(log: str) -> list[tuple[int, str]]:
+    """(job id, its lines) for each run of a job in a worker's log."""
+    parts = re.split(r"job (\d+): start", log)
+    return [(int(parts[i]), parts[i + 1]) for i in range(1, len(parts), 2)]
+
+
+def _kill_at(point: str, store: JobStore, proc, rng, steps: int, max_kills_per_job: int) -> int | None:
+    """SIGKILL the worker `proc` at the first `point` reached by a job it has crashed fewer than
+    `max_kills_per_job` times; return that job's id, or None when the worker ended first."""
+    target_step = rng.randint(1, steps - 1)
+
+    def reached() -> int | None:
+        for job in store.list(("running",)):
+            if job.crashes >= max_kills_per_job or job.worker_pid != proc.pid:
+                continue
+            stage, step = job.progress.stage, job.progress.step
+            mp4 = any(f".w{proc.pid}." in p.name for p in store.outputs_dir.glob(".*.mp4"))
+            if {
+                "load": stage in ("starting", "encode_text", "condition"),
+                "denoise": stage == "denoise" and step >= target_step,
+                "decode": stage == "decode",
+                "mp4": stage == "save" and mp4,
+                "commit": stage == "commit",
+            }[point]:
+                return job.id
+        return None
+
+    end = time.monotonic() + 120
+    while time.monotonic() < end and proc.poll() is None:
+        job_id = reached()
+        if job_id is not None:
+            if point == "load":
+                time.sleep(rng.uniform(0.0, 1.0))  # anywhere in loading (imports, admission, weights, text encoder)
+            proc.kill()
+            proc.wait()
+            return job_id
+        time.sleep(0.01)
+    return None
+
+
+@pytest.mark.slow
+def test_twenty_sigkills_at_random_points_lose_nothing_run_nothing_twice_leave_no_temp_files(tiny, tmp_path, capsys):
+    """The worker SIGKILLed 22 times, at random points of 12 real tiny jobs (loading, denoise step k, decode, inside
+    the MP4 write, just before the "done" commit), restarted after each kill. Every job ends done exactly once; a
+    re-run resumes from its last resume point (no denoise step that was saved runs again); every video equals an
+    uninterrupted run's frame for frame; no temp file and no resume point is left. Prints the numbers."""
+    from wan_local.jobs.store import MAX_CRASHES
+    from wan_local.video import read_frames
+
+    started = time.monotonic()
+    rng = random.Random(int(os.environ.get("WAN_LOCAL_KILL_SEED", "2207")))
+    steps, kill_count = 3, 22
+    plan = [*KILL_POINTS * (kill_count // len(KILL_POINTS)), *rng.sample(KILL_POINTS, kill_count % len(KILL_POINTS))]
+    rng.shuffle(plan)
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    t2v = {"task": "t2v-A14B", "ckpt_dir": str(tiny / "t2v-A14B"), "size": (64, 48), "frames": 5, "device": "cpu"}
+    variants = [("a red fox in snow", 5), ("an owl at night", 6), ("a whale", 7)]
+    jobs = [store.add(JobSettings(prompt=p, seed=s, steps=steps, **t2v)) for p, s in variants * 4]
+
+    env = {**os.environ, "WAN_LOCAL_HOME": str(tmp_path), "FAULT_PAUSE_S": "0.15"}
+    args = ("--checkpoint-every-s", "0", "--poll-s", "0.05")
+    kills: list[tuple[int | None, str, int, int]] = []  # (job hit, point, denoise step seen, worker number)
+    for n in itertools.count(1):
+        proc = spawn_worker(
+            store.path, once=True, entry=FAULT_WORKER, extra_args=args, log_path=tmp_path / f"w{n}.log", env=env
+        )
+        try:
+            if len(kills) == len(plan):
+                assert proc.wait(300) == 0, (tmp_path / f"w{n}.log").read_text()[-3000:]
+                break
+            job_id = _kill_at(plan[len(kills)], store, proc, rng, steps, MAX_CRASHES - 1)
+            assert job_id is not None, f"worker {n} ended before reaching {plan[len(kills)]}"
+            job = store.get(job_id)  # a kill that came just after the "done" commit hit no job
+            kills.append((job_id if job.state == "running" else None, plan[len(kills)], job.progress.step, n))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    logs = {n: (tmp_path / f"w{n}.log").read_text() for n in range(1, n + 1)}
+
+    final = {job.id: job for job in store.list()}
+    lost = [job.id for job in jobs if job.id not in final or final[job.id].state != "done"]
+    done_lines = {job.id: sum(log.count(f"job {job.id}: done ->") for log in logs.values()) for job in jobs}
+    twice = [job_id for job_id, count in done_lines.items() if count != 1]
+    for job_id, point, seen, n in kills:  # each later run of the job that denoises resumes from the step seen
+        for later in range(n + 1, len(logs) + 1):
+            for run_of, lines in _runs(logs[later]):
+                resumed = re.search(rf"job {job_id}: resuming after denoise step (\d+)", lines)
+                if run_of != job_id or not seen or "stage: denoise" not in lines:
+                    continue
+                if resumed is None or int(resumed.group(1)) < min(seen, steps - 1):
+                    twice.append((job_id, point, later))
+    leftovers = _temp_files(tmp_path)
+    resume_left = sorted(p.name for p in (tmp_path / "resume").glob("*"))
+    per_job = {job.id: sum(k[0] == job.id for k in kills) for job in jobs}
+
+    references = {}  # an uninterrupted run of each variant, in this process
+    reference_store = JobStore(tmp_path / "reference" / "jobs.sqlite3")
+    for prompt, seed in variants:
+        reference_store.add(JobSettings(prompt=prompt, seed=seed, steps=steps, **t2v))
+    run_worker(reference_store, PipelineRunner(tmp_path / "reference" / "out", tmp_path / "reference" / "p"), once=True)
+    for job in reference_store.list():
+        references[job.settings.prompt] = read_frames(Path(job.output_path))
+    different = [
+        j.id
+        for j in final.values()
+        if not np.array_equal(read_frames(Path(j.output_path)), references[j.settings.prompt])
+    ]
+
+    seconds = time.monotonic() - started
+    with capsys.disabled():
+        points = {p: sum(k[1] == p for k in kills) for p in KILL_POINTS}
+        print(
+            f"\n{len(kills)} SIGKILLs over {len(jobs)} jobs ({points}; per job {sorted(per_job.values())}): lost "
+            f"{len(lost)}, ran twice {len(twice)}, temp files left {len(leftovers)}, resume points left "
+            f"{len(resume_left)}, videos differing from an uninterrupted run {len(different)}; {seconds:.0f} s"
+        )
+    assert len(kills) >= 20 and all(count >= 4 for count in points.values())
+    assert (lost, twice, leftovers, resume_left, different) == ([], [], [], [], [])
+    assert all(final[j].attempts == per_job[j] + 1 and final[j].crashes == per_job[j] for j in per_job)

@@ -7,9 +7,9 @@ path, size, mtime), the tokenizer folder's files (names, sizes, mtimes), the cle
 the dtype and `FORMAT_VERSION`. File identity uses size + mtime rather than a content hash: hashing 11 GB on
 every run would cost more than the encode it saves.
 
-Writes are atomic (temporary file in the cache folder + os.replace), so concurrent readers see whole files or
-nothing. An unreadable or inconsistent file counts as a miss and is removed. The folder is capped in bytes;
-the least recently used entries (oldest mtime, refreshed on every hit) are evicted after each put.
+Writes are atomic (temporary file in the cache folder + os.replace, `wan_local.tempfiles`), so concurrent readers
+see whole files or nothing. An unreadable or inconsistent file counts as a miss and is removed. The folder is
+capped in bytes; the least recently used entries (oldest mtime, refreshed on every hit) are evicted after each put.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from safetensors.torch import save_file
 
 from wan_local.errors import InputError
 from wan_local.prompt import clean_prompt
+from wan_local.tempfiles import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -135,15 +135,9 @@ class PromptCache:
         """Store `tensor` (any device; saved from the CPU) under `key` atomically, then evict down to the cap."""
         path = self._path(key)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}-", suffix=".tmp", dir=self.cache_dir)
-        os.close(fd)
-        try:
-            data = {_TENSOR_NAME: tensor.detach().to("cpu").contiguous()}
-            save_file(data, tmp, metadata={"key": key, "format": str(FORMAT_VERSION)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        data = {_TENSOR_NAME: tensor.detach().to("cpu").contiguous()}
+        with atomic_write(path, mode=None, suffix=".tmp") as tmp:  # not *.safetensors: never listed as an entry
+            save_file(data, str(tmp), metadata={"key": key, "format": str(FORMAT_VERSION)})
         self._evict(keep=path)
 
     def get_or_compute(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:

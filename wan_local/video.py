@@ -1,17 +1,16 @@
 """Media I/O: input images, MP4 output with the generation settings embedded, and reading them back.
 
 MP4s are written with the ffmpeg binary that imageio-ffmpeg ships (libx264, CRF 10, yuv420p — the reference's
-`quality=8`), to a temporary file that replaces the target only once complete, so a full disk or a crash never
-leaves a half-written video under the final name. The settings travel as JSON in the MP4 `comment` tag.
+`quality=8`), to a temporary file that replaces the target only once complete (`wan_local.tempfiles`), so a full
+disk or a crash never leaves a half-written video under the final name. The settings travel as JSON in the MP4
+`comment` tag.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from wan_local.errors import InputError, WanLocalError
+from wan_local.tempfiles import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +77,14 @@ def save_video(video: torch.Tensor, path: Path, fps: int, settings: Mapping[str,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     comment = METADATA_PREFIX + json.dumps(dict(settings or {}), ensure_ascii=False, sort_keys=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    cmd = [
-        _ffmpeg(), "-y", "-loglevel", "error",
-        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "-",
-        "-an", "-c:v", "libx264", "-crf", str(CRF), "-pix_fmt", "yuv420p",
-        "-metadata", f"comment={comment}",
-        str(tmp),
-    ]  # fmt: skip
-    try:
+    with atomic_write(path) as tmp:
+        cmd = [
+            _ffmpeg(), "-y", "-loglevel", "error",
+            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "-",
+            "-an", "-c:v", "libx264", "-crf", str(CRF), "-pix_fmt", "yuv420p",
+            "-metadata", f"comment={comment}",
+            str(tmp),
+        ]  # fmt: skip
         proc = subprocess.run(cmd, input=frames.tobytes(), capture_output=True, check=False)
         if proc.returncode != 0:
             message = proc.stderr.decode(errors="replace").strip().splitlines()
@@ -95,10 +92,6 @@ def save_video(video: torch.Tensor, path: Path, fps: int, settings: Mapping[str,
                 f"writing {path} failed: {message[-1] if message else 'ffmpeg exited with ' + str(proc.returncode)}"
                 " (is the disk full or the folder read-only?)"
             )
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a video is an ordinary user file
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("saved %d frames %dx%d at %d fps to %s", count, width, height, fps, path)
     return path
 

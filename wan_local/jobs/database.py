@@ -1,15 +1,14 @@
-"""The job queue's SQLite file: its schema and migrations, one connection per thread, write transactions, and the
-conversion of a `jobs` row into a `Job`.
+"""The job queue's SQLite file: its schema and migrations, one connection per thread, and write transactions.
 
 Commits are durable (WAL journal, `synchronous=FULL`); each write is one short `BEGIN IMMEDIATE` transaction, so
 the UI and the worker (separate processes) can both write while a busy timeout absorbs the brief overlaps. Each
 thread (and each process) gets its own connection. A database that cannot be read is reported with its path and
-what to do; this module never deletes, truncates or rewrites a file it did not create.
+what to do; this module never deletes, truncates or rewrites a file it did not create. A file from before the schema
+was versioned is adopted when its tables hold every column of a known version, and refused by name otherwise.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sqlite3
@@ -19,12 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from wan_local.errors import WanLocalError
-from wan_local.jobs.records import Job, JobProgress, JobSettings
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "jobs.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # MIGRATIONS[v] brings a database from schema version v to v + 1; never edit a released entry, append one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -64,6 +62,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             heartbeat_at REAL NOT NULL
         )""",
     ),
+    (
+        "ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0",  # workers that died while running it
+        "ALTER TABLE workers ADD COLUMN parent_pid INTEGER",  # who started the worker (an app, a terminal)
+        "ALTER TABLE workers ADD COLUMN parent_started REAL",
+    ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -80,33 +83,34 @@ class StoreBusyError(StoreError):
     """Another connection held the database locked for longer than the busy timeout."""
 
 
-def job_from_row(row: sqlite3.Row) -> Job:
-    """The `Job` a row of the `jobs` table describes."""
-    progress = JobProgress(
-        row["progress_step"], row["progress_total"], row["progress_stage"], row["eta_seconds"],
-        row["progress_updated_at"],
-    )  # fmt: skip
-    return Job(
-        id=row["id"],
-        state=row["state"],
-        position=row["position"],
-        settings=JobSettings.from_dict(json.loads(row["settings"])),
-        resolved_seed=row["resolved_seed"],
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        error=row["error"],
-        note=row["note"],
-        output_path=row["output_path"],
-        progress=progress,
-        preview_path=row["preview_path"],
-        attempts=row["attempts"],
-        oom_retries=row["oom_retries"],
-        cancel_requested=bool(row["cancel_requested"]),
-        worker_id=row["worker_id"],
-        worker_pid=row["worker_pid"],
-        heartbeat_at=row["heartbeat_at"],
-    )
+def _advice(error_text: str) -> str:
+    """What to do about an SQLite error, by its (lower-case) text; nothing when the text names no known cause."""
+    if "full" in error_text:
+        return "; the disk is full: free some space and try again"
+    if any(word in error_text for word in ("readonly", "read-only", "unable to open", "permission")):
+        return "; check that the folder is writable"
+    if "disk i/o" in error_text:
+        return "; the drive reported an input/output error: check that it is still connected and healthy"
+    return ""
+
+
+def _columns_by_version() -> dict[int, dict[str, set[str]]]:
+    """{version: {table: columns}} of every schema version, built by running the migrations in memory."""
+    conn = sqlite3.connect(":memory:")
+    out = {}
+    try:
+        for version, statements in enumerate(MIGRATIONS, start=1):
+            for statement in statements:
+                conn.execute(statement)
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            out[version] = {
+                t: {r[1] for r in conn.execute(f"PRAGMA table_info({t})")}
+                for t in tables
+                if not t.startswith("sqlite_")
+            }
+    finally:
+        conn.close()
+    return out
 
 
 class JobDatabase:
@@ -154,10 +158,7 @@ class JobDatabase:
                     f"the job queue {self.path} stayed locked by another program for {self.busy_timeout_s:g} s "
                     f"({exc}); close other wan-local windows or tools that have the file open and try again"
                 ) from exc
-            raise StoreError(
-                f"cannot use the job queue {self.path}: {exc}; check that the folder is writable and the disk "
-                "is not full"
-            ) from exc
+            raise StoreError(f"cannot use the job queue {self.path}: {exc}{_advice(text)}") from exc
         except sqlite3.DatabaseError as exc:
             raise StoreCorruptError(self._corrupt_message(str(exc))) from exc
 
@@ -195,6 +196,8 @@ class JobDatabase:
                 raise StoreCorruptError(self._corrupt_message(" ".join("; ".join(problems[:3]).split())))
             if "schema_version" in tables and self._version(conn) == SCHEMA_VERSION:
                 return  # nothing to write: opening never waits for a busy writer (the worker)
+            recorded = "schema_version" in tables and self._version(conn) is not None
+            unversioned = self._unversioned(conn) if "jobs" in tables and not recorded else None
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 log.warning("%s: journal mode is %s, not WAL (network drive?)", self.path, mode)
@@ -202,12 +205,38 @@ class JobDatabase:
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             version = self._version(conn)
             if version is None:
-                conn.execute("INSERT INTO schema_version (version) VALUES (0)")
-            for v in range(version or 0, SCHEMA_VERSION):
+                version = unversioned or 0
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            for v in range(version, SCHEMA_VERSION):
                 log.info("%s: migrating job queue schema %d -> %d", self.path, v, v + 1)
                 for statement in MIGRATIONS[v]:
                     conn.execute(statement)
             conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+
+    def _unversioned(self, conn: sqlite3.Connection) -> int:
+        """The schema version of a queue written before versions were recorded: the newest version whose tables
+        and columns it all has. StoreError naming what is missing (the file untouched) when none fits."""
+        have = {
+            table: {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+            for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        }
+        missing: list[str] = []  # what the oldest version needs (newer ones need more)
+        for version, tables in sorted(_columns_by_version().items(), reverse=True):
+            lacking = [
+                f"the table {t}" if t not in have else ", ".join(f"{t}.{c}" for c in sorted(cols - have[t]))
+                for t, cols in tables.items()
+                if cols - have.get(t, set())
+            ]
+            if not lacking:
+                log.warning("%s: no schema version recorded; its tables are those of version %d", self.path, version)
+                return version
+            missing = lacking
+        raise StoreError(
+            f"the job queue {self.path} comes from a development version of wan-local that did not record its "
+            f"schema, and it lacks what every released version has: {'; '.join(missing)}. The file was left "
+            f"untouched. Move it aside (for example rename it to {self.path.name}.old) and start again for an "
+            "empty queue; videos already made are not affected"
+        )
 
     def _version(self, conn: sqlite3.Connection) -> int | None:
         row = conn.execute("SELECT version FROM schema_version").fetchone()

@@ -2,7 +2,9 @@
 
 `JobRunner` is the protocol (tests use a fake); `PipelineRunner` runs the real `WanPipeline`, saves the MP4 with
 the settings embedded, writes a small latent preview PNG while denoising and turns an out-of-memory error into
-`JobOutOfMemory` with a message a user can act on.
+`JobOutOfMemory` with a message a user can act on (a file it cannot write, on a full disk, raises OSError naming
+the file: `file_error_message` words it). Resume points (`wan_local.jobs.resume`) are saved while denoising and
+left for the worker to delete once the job's outcome is committed.
 
 Latent preview: the latent [C, T, h, w] of the first latent frame is mapped to RGB by a fixed linear projection
 (`latent_to_rgb`) and upscaled with nearest-neighbour. The projection averages the channels in three contiguous
@@ -15,11 +17,10 @@ would need per-channel RGB factors fitted against the real VAE decoder; `PREVIEW
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import logging
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from wan_local.errors import WanLocalError
+from wan_local.jobs.resume import ResumePoints
 from wan_local.jobs.store import Job
-from wan_local.memory.options import MemoryOptions
+from wan_local.tempfiles import atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +46,14 @@ PREVIEW_LONG_SIDE = 320  # preview PNGs are upscaled (integer factor, nearest) t
 
 class JobOutOfMemory(WanLocalError):
     """The GPU (or host) ran out of memory while running a job."""
+
+
+def file_error_message(exc: OSError) -> str:
+    """What went wrong with a file of a job, in words a user can act on (a full disk says so)."""
+    name = exc.filename or "a file"
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"the disk is full: cannot write {name} ({exc.strerror}); free some space and retry the job"
+    return f"cannot use {name}: {exc.strerror or exc}"
 
 
 @dataclass(frozen=True)
@@ -100,14 +110,8 @@ def write_preview(latent: torch.Tensor, path: Path) -> Path:
     factor = max(1, -(-PREVIEW_LONG_SIDE // max(height, width)))
     picture = Image.fromarray(image).resize((width * factor, height * factor), Image.Resampling.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:  # 0644: the UI (maybe another user's web server) reads it
         picture.save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the UI (maybe another user's web server) reads it
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -141,63 +145,6 @@ def default_output_name(job: Job, task: str, size: tuple[int, int]) -> str:
     """job<id>_<task>_<W>x<H>_<first words of the prompt>.mp4"""
     words = re.sub(r"[^\w-]+", "_", job.settings.prompt.strip())[:40].strip("_") or "video"
     return f"job{job.id:05d}_{task}_{size[0]}x{size[1]}_{words}.mp4"
-
-
-class ResumePoints:
-    """Latent + solver-state checkpoints of running jobs, so a crash or restart costs minutes, not the job.
-
-    One file per job (`job<id>.pt`, written atomically at most every `every_s` seconds) holding the latent after a
-    denoise step, the solver's state and a key of everything that determines the result (settings, seed, device,
-    dtype, memory options). A job resumes only from a file with its exact key; the file is deleted when the job
-    finishes or fails, and kept when it is cancelled or interrupted (a retry continues from it).
-    """
-
-    def __init__(self, folder: Path, every_s: float = 60.0) -> None:
-        self.folder = Path(folder)
-        self.every_s = every_s
-
-    def path(self, job_id: int) -> Path:
-        return self.folder / f"job{job_id}.pt"
-
-    @staticmethod
-    def key(job: Job, device: str, dtype: str, memory: MemoryOptions) -> str:
-        import dataclasses
-        import hashlib
-        import json
-
-        recipe = [job.settings.to_dict(), job.resolved_seed, device, dtype, dataclasses.asdict(memory)]
-        return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
-
-    def load(self, job_id: int, key: str):
-        """(latent, solver state) saved for this job and key, or None."""
-        import torch
-
-        path = self.path(job_id)
-        if not path.is_file():
-            return None
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, OSError, EOFError, ValueError) as exc:
-            log.warning("job %d: unreadable resume point %s (%s); starting over", job_id, path, exc)
-            return None
-        if saved.get("key") != key:
-            log.info("job %d: resume point is for other settings; starting over", job_id)
-            return None
-        return saved["latent"], saved["solver"]
-
-    def save(self, job_id: int, key: str, latent, solver_state: dict) -> None:
-        import os
-
-        import torch
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.path(job_id)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"key": key, "latent": latent.detach().cpu(), "solver": solver_state}, tmp)
-        os.replace(tmp, path)
-
-    def discard(self, job_id: int) -> None:
-        self.path(job_id).unlink(missing_ok=True)
 
 
 class PipelineRunner:
@@ -266,12 +213,12 @@ class PipelineRunner:
         import json
 
         from wan_local.memory.ledger import process_ledger
+        from wan_local.tempfiles import atomic_write
 
         entries = [dataclasses.asdict(e) for e in process_ledger().entries()]
-        tmp = self.loaded_path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps({"pid": os.getpid(), "updated_at": time.time(), "entries": entries}))
-            os.replace(tmp, self.loaded_path)
+            with atomic_write(self.loaded_path) as tmp:
+                tmp.write_text(json.dumps({"updated_at": time.time(), "entries": entries}))
         except OSError as exc:  # a full disk must not fail the job for a status file
             log.warning("cannot write %s: %s", self.loaded_path, exc)
 
@@ -299,8 +246,7 @@ class PipelineRunner:
             }
             from wan_local.video import save_video
 
-            saved = save_video(result.video, output, result.fps, metadata)
-            self._discard_resume_point(job)
+            saved = save_video(result.video, output, result.fps, metadata)  # the resume point stays: see resume.py
             self.publish_loaded()
             return saved
         except (RuntimeError, MemoryError) as exc:

@@ -2,14 +2,17 @@
 
 Every fact about a job lives in the database, never only in memory: a worker that dies mid-job leaves the job
 `running` with its pid and heartbeat, and the next worker puts it back at the front of the queue
-(`requeue_stale`). The file itself (schema, connections, durable write transactions, errors that name the file and
-the remedy) is `wan_local.jobs.database`.
+(`requeue_stale`), counting the crash; a job that has crashed its worker `max_crashes` times is failed instead, so
+one poisoned job cannot block the queue. The file itself (schema, connections, durable write transactions, errors
+that name the file and the remedy) is `wan_local.jobs.database`; which worker serves the queue is
+`wan_local.jobs.registry`; what a row means (and how a damaged one is set aside) is `wan_local.jobs.records`.
 
 A job's input image is copied into the store's folder when the job is added, so deleting or editing the
 original loses nothing.
 
 States: queued -> running -> done | failed | cancelled; failed/cancelled -> queued (retry);
-running -> queued (worker died, stopped, or an out-of-memory retry with a lower preset).
+running -> queued (worker died, stopped, or an out-of-memory retry with a lower preset); any -> failed (a damaged
+row, set aside by the first reader that finds it).
 """
 
 from __future__ import annotations
@@ -21,23 +24,27 @@ import logging
 import os
 import random
 import shutil
-import socket
 import sqlite3
 import sys
-import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from wan_local import paths
 from wan_local.errors import InputError
-from wan_local.jobs.database import DB_NAME, JobDatabase, StoreError, job_from_row
-from wan_local.jobs.records import Job, JobSettings
+from wan_local.jobs import records, registry
+from wan_local.jobs.database import DB_NAME, JobDatabase, StoreError
+from wan_local.jobs.records import STATES, Job, JobSettings, MalformedJob
+from wan_local.jobs.registry import WorkerInfo
+from wan_local.tempfiles import atomic_write
 
 log = logging.getLogger(__name__)
 
-STATES = ("queued", "running", "done", "failed", "cancelled")
+__all__ = ["FINAL_STATES", "MAX_CRASHES", "STATES", "Job", "JobSettings", "JobStore", "WorkerAlreadyRunning"]
+
 FINAL_STATES = ("done", "failed", "cancelled")
+MAX_CRASHES = 3  # a job that was running when its worker died this often is failed instead of re-queued
 
 
 class WorkerAlreadyRunning(StoreError):
@@ -52,30 +59,6 @@ def default_home() -> Path:
 def default_store_path() -> Path:
     """<home>/jobs.sqlite3 (see `default_home`)."""
     return default_home() / DB_NAME
-
-
-# ---------------------------------------------------------------------------------------------------- liveness
-
-
-def process_alive(pid: int, process_started: float | None = None) -> bool:
-    """Whether process `pid` on this machine is running (not a zombie) and, when given, started at
-    `process_started` (±1 s; guards against a recycled pid)."""
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return process_started is None or abs(proc.create_time() - process_started) < 1.0
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        # AccessDenied only hides details of a live process of another user; that is not our worker.
-        return False
-
-
-def _this_process_started() -> float:
-    import psutil
-
-    return psutil.Process(os.getpid()).create_time()
 
 
 # ---------------------------------------------------------------------------------------------------- store
@@ -105,6 +88,45 @@ class JobStore:
             raise InputError(f"there is no job {job_id} in {self.path}")
         return row
 
+    def _job(self, conn: sqlite3.Connection, job_id: int) -> Job:
+        """The job `job_id` inside a write transaction; a damaged row is set aside in it (see `_jobs`)."""
+        row = self._row(conn, job_id)
+        try:
+            return records.job_from_row(row)
+        except MalformedJob as exc:
+            self._quarantine(conn, row, exc.reason)
+            return records.quarantined_job(row, exc.reason)
+
+    def _jobs(self, rows: Sequence[sqlite3.Row]) -> list[Job]:
+        """Jobs of rows read outside a transaction. A damaged row is listed as a failed stand-in with the reason,
+        and marked failed in the file (best effort: a reader never fails because of one row)."""
+        jobs, damaged = [], []
+        for row in rows:
+            try:
+                jobs.append(records.job_from_row(row))
+            except MalformedJob as exc:
+                jobs.append(records.quarantined_job(row, exc.reason))
+                damaged.append((row, exc.reason))
+        if damaged:
+            try:
+                with self._db.write() as conn:
+                    for row, reason in damaged:
+                        self._quarantine(conn, row, reason)
+            except StoreError as exc:
+                log.warning("damaged job record(s) not marked failed yet: %s", exc)
+        return jobs
+
+    @staticmethod
+    def _quarantine(conn: sqlite3.Connection, row: sqlite3.Row, reason: str) -> None:
+        error = records.quarantine_message(row["id"], reason)
+        cur = conn.execute(
+            "UPDATE jobs SET state = 'failed', error = ?, finished_at = COALESCE(finished_at, ?), worker_id = NULL, "
+            "worker_pid = NULL WHERE id = ? AND (state != 'failed' OR error IS NOT ?)",
+            (error, time.time(), row["id"], error),
+        )
+        if cur.rowcount:
+            log.error("job %d: %s", row["id"], error)
+
     @staticmethod
     def _front(conn: sqlite3.Connection) -> int:
         return conn.execute("SELECT COALESCE(MIN(position), 1) - 1 FROM jobs").fetchone()[0]
@@ -124,15 +146,9 @@ class JobStore:
         target = self.inputs_dir / f"{digest}{src.suffix.lower()}"
         if not target.is_file():
             self.inputs_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".copy.", dir=self.inputs_dir)
-            try:
-                with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
-                    shutil.copyfileobj(inp, out)
-                    out.flush()
-                    os.fsync(out.fileno())  # the job row will point at it: it must survive a power loss too
-                os.replace(tmp, target)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            # durable: the job row will point at it, so it must survive a power loss too
+            with atomic_write(target, durable=True, mode=None) as tmp, tmp.open("wb") as out, src.open("rb") as inp:
+                shutil.copyfileobj(inp, out)
         return str(target)
 
     def _prepare(self, settings: JobSettings, validate: bool) -> JobSettings:
@@ -153,12 +169,13 @@ class JobStore:
                 "INSERT INTO jobs (created_at, position, state, settings, resolved_seed) VALUES (?, ?, 'queued', ?, ?)",
                 (time.time(), self._back(conn), json.dumps(settings.to_dict()), seed),
             )
-            return job_from_row(self._row(conn, cur.lastrowid))
+            return self._job(conn, cur.lastrowid)
 
     def get(self, job_id: int) -> Job:
         """The job `job_id`; InputError if there is none."""
         with self._db.errors():
-            return job_from_row(self._row(self._db.conn(), job_id))
+            row = self._row(self._db.conn(), job_id)
+        return self._jobs([row])[0]
 
     def list(self, states: tuple[str, ...] | None = None) -> list[Job]:
         """All jobs (or those in `states`) in queue order: position, then id."""
@@ -168,7 +185,7 @@ class JobStore:
             args = tuple(states)
         with self._db.errors():
             rows = self._db.conn().execute(query + " ORDER BY position, id", args).fetchall()
-        return [job_from_row(r) for r in rows]
+        return self._jobs(rows)
 
     def edit(self, job_id: int, *, validate: bool = True, **changes: Any) -> Job:
         """Change settings of a queued job (fields of JobSettings); a new image is copied, a new seed re-drawn."""
@@ -193,7 +210,7 @@ class JobStore:
                 "UPDATE jobs SET settings = ?, resolved_seed = ? WHERE id = ?",
                 (json.dumps(settings.to_dict()), seed, job_id),
             )
-            return job_from_row(self._row(conn, job_id))
+            return self._job(conn, job_id)
 
     def move(self, job_id: int, direction: str) -> bool:
         """Swap a queued job with the queued job before ("up") or after ("down") it; False at either end."""
@@ -230,20 +247,24 @@ class JobStore:
                 conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             elif state != "cancelled":
                 raise InputError(f"job {job_id} is already {state}; there is nothing to cancel")
-            return job_from_row(self._row(conn, job_id))
+            return self._job(conn, job_id)
 
     def retry(self, job_id: int) -> Job:
-        """Put a failed or cancelled job back at the end of the queue (same settings and seed)."""
+        """Put a failed or cancelled job back at the end of the queue (same settings and seed; its crash count
+        starts again). A damaged job cannot be retried, only removed."""
         with self._db.write() as conn:
-            state = self._row(conn, job_id)["state"]
-            if state not in ("failed", "cancelled"):
-                raise InputError(f"job {job_id} is {state}; only failed or cancelled jobs can be retried")
+            job = self._job(conn, job_id)
+            if job.error is not None and job.error.startswith(records.QUARANTINED):
+                raise InputError(f"job {job_id} cannot run again: {job.error}")
+            if job.state not in ("failed", "cancelled"):
+                raise InputError(f"job {job_id} is {job.state}; only failed or cancelled jobs can be retried")
             conn.execute(
                 "UPDATE jobs SET state = 'queued', position = ?, error = NULL, note = NULL, cancel_requested = 0, "
-                "finished_at = NULL, progress_step = 0, progress_stage = NULL, eta_seconds = NULL WHERE id = ?",
+                "finished_at = NULL, progress_step = 0, progress_stage = NULL, eta_seconds = NULL, crashes = 0 "
+                "WHERE id = ?",
                 (self._back(conn), job_id),
             )
-            return job_from_row(self._row(conn, job_id))
+            return self._job(conn, job_id)
 
     def remove(self, job_id: int) -> None:
         """Delete a job that is not running (its video, if any, stays on disk)."""
@@ -260,51 +281,66 @@ class JobStore:
 
         A worker row whose process is gone (or whose heartbeat is older than `stale_after_s`) is dropped.
         """
-        now, host, pid = time.time(), socket.gethostname(), os.getpid()
+        now = time.time()
         with self._db.write() as conn:
             for row in conn.execute("SELECT * FROM workers").fetchall():
-                if not self._worker_dead(row, now, stale_after_s):
+                if not registry.worker_dead(row, now, stale_after_s):
                     raise WorkerAlreadyRunning(
                         f"a worker (pid {row['pid']} on {row['host']}) is already running the queue {self.path}"
                     )
                 conn.execute("DELETE FROM workers WHERE id = ?", (row["id"],))
-            conn.execute(
-                "INSERT INTO workers (id, pid, host, process_started, started_at, heartbeat_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (worker_id, pid, host, _this_process_started(), now, now),
-            )
+            registry.register(conn, worker_id, now)
 
     def unregister_worker(self, worker_id: str) -> None:
         """Forget a worker that stops cleanly."""
         with self._db.write() as conn:
             conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
 
-    @staticmethod
-    def _worker_dead(row: sqlite3.Row | None, now: float, stale_after_s: float) -> bool:
-        if row is None or row["heartbeat_at"] < now - stale_after_s:
-            return True
-        if row["host"] == socket.gethostname():
-            return not process_alive(row["pid"], row["process_started"])
-        return False  # another machine sharing the folder: only its heartbeat can tell
+    def serving_worker(self, *, stale_after_s: float = 120.0) -> WorkerInfo | None:
+        """The live worker serving this queue (`wan_local.jobs.registry`), or None. Only reads."""
+        with self._db.errors():
+            live = registry.live_workers(self._db.conn(), time.time(), stale_after_s)
+        return live[0] if live else None
 
-    def requeue_stale(self, now: float | None = None, *, stale_after_s: float = 120.0) -> list[int]:
-        """Put `running` jobs whose worker is dead (process gone, or heartbeat older than `stale_after_s`) back
-        at the front of the queue, in their old order; return their ids. Called when a worker starts."""
+    def requeue_stale(
+        self, now: float | None = None, *, stale_after_s: float = 120.0, max_crashes: int = MAX_CRASHES
+    ) -> list[int]:
+        """Handle `running` jobs whose worker is dead (process gone, or heartbeat older than `stale_after_s`):
+        count the crash, and put each back at the front of the queue in its old order, or fail it once it has
+        crashed its worker `max_crashes` times. Return the ids of both. Called when a worker starts."""
         now = time.time() if now is None else now
-        requeued = []
+        handled, failed = [], []
         with self._db.write() as conn:
             rows = conn.execute("SELECT * FROM jobs WHERE state = 'running' ORDER BY position DESC, id DESC")
             for job in rows.fetchall():
                 worker = conn.execute("SELECT * FROM workers WHERE id = ?", (job["worker_id"],)).fetchone()
-                beat = job["heartbeat_at"] or 0.0
-                if not (self._worker_dead(worker, now, stale_after_s) or beat < now - stale_after_s):
+                beat = job["heartbeat_at"] if isinstance(job["heartbeat_at"], (int, float)) else 0.0
+                if not (registry.worker_dead(worker, now, stale_after_s) or beat < now - stale_after_s):
                     continue
-                note = f"the worker (pid {job['worker_pid']}) stopped during this job; re-queued"
-                self._to_queue(conn, job["id"], note, self._front(conn))
-                requeued.append(job["id"])
+                crashes = (job["crashes"] if isinstance(job["crashes"], int) else 0) + 1
+                conn.execute("UPDATE jobs SET crashes = ? WHERE id = ?", (crashes, job["id"]))
+                handled.append(job["id"])
+                if crashes < max_crashes:
+                    note = f"the worker (pid {job['worker_pid']}) stopped during this job; re-queued"
+                    self._to_queue(conn, job["id"], note, self._front(conn))
+                    continue
+                error = (
+                    f"this job crashed the worker {crashes} times (the last was pid {job['worker_pid']}); it was set "
+                    "aside so that the rest of the queue can run. Retry it to run it again, perhaps with a lower "
+                    "memory preset, fewer frames or a smaller size"
+                )
+                conn.execute(
+                    "UPDATE jobs SET state = 'failed', finished_at = ?, error = ?, worker_id = NULL, "
+                    "worker_pid = NULL, progress_stage = 'failed', eta_seconds = NULL WHERE id = ?",
+                    (now, error, job["id"]),
+                )
+                failed.append(job["id"])
+        requeued = sorted(set(handled) - set(failed))
         if requeued:
-            log.warning("re-queued interrupted job(s) %s", ", ".join(map(str, sorted(requeued))))
-        return sorted(requeued)
+            log.warning("re-queued interrupted job(s) %s", ", ".join(map(str, requeued)))
+        for job_id in failed:
+            log.error("job %d crashed the worker %d times: failed, the queue goes on", job_id, max_crashes)
+        return sorted(handled)
 
     @staticmethod
     def _to_queue(conn: sqlite3.Connection, job_id: int, note: str | None, position: int) -> None:
@@ -316,22 +352,26 @@ class JobStore:
 
     def claim_next(self, worker_id: str) -> Job | None:
         """Atomically take the first queued job for `worker_id` (state running, attempts + 1); None if empty."""
-        query = "SELECT id FROM jobs WHERE state = 'queued' AND cancel_requested = 0 ORDER BY position, id LIMIT 1"
+        query = "SELECT * FROM jobs WHERE state = 'queued' AND cancel_requested = 0 ORDER BY position, id LIMIT 1"
         with self._db.errors():
             if self._db.conn().execute(query).fetchone() is None:
                 return None  # an idle worker polls: only a read, no write lock
         now = time.time()
         with self._db.write() as conn:
-            row = conn.execute(query).fetchone()
-            if row is None:
-                return None
-            conn.execute(
-                "UPDATE jobs SET state = 'running', started_at = ?, heartbeat_at = ?, attempts = attempts + 1, "
-                "worker_id = ?, worker_pid = ?, error = NULL, progress_step = 0, progress_total = 0, "
-                "progress_stage = 'starting', eta_seconds = NULL, progress_updated_at = ? WHERE id = ?",
-                (now, now, worker_id, os.getpid(), now, row["id"]),
-            )
-            return job_from_row(self._row(conn, row["id"]))
+            while (row := conn.execute(query).fetchone()) is not None:
+                try:
+                    records.job_from_row(row)
+                except MalformedJob as exc:  # set aside (failed), so the next query finds the next job
+                    self._quarantine(conn, row, exc.reason)
+                    continue
+                conn.execute(
+                    "UPDATE jobs SET state = 'running', started_at = ?, heartbeat_at = ?, attempts = attempts + 1, "
+                    "worker_id = ?, worker_pid = ?, error = NULL, progress_step = 0, progress_total = 0, "
+                    "progress_stage = 'starting', eta_seconds = NULL, progress_updated_at = ? WHERE id = ?",
+                    (now, now, worker_id, os.getpid(), now, row["id"]),
+                )
+                return self._job(conn, row["id"])
+            return None
 
     def update_progress(
         self,

@@ -190,7 +190,7 @@ class WanPipeline:
         spec = self.spec
         stride = spec.vae_stride
         if image is None:
-            return cond.text_to_video(self.vae.z_dim, s.frames, s.size, stride)
+            return cond.text_to_video(spec.latent_channels, s.frames, s.size, stride)  # the VAE loads at decode
         max_area = s.size[0] * s.size[1]
         vae = self.vae.to(self.device)
 

@@ -17,6 +17,10 @@ DEFAULT_NEGATIVE_PROMPT = (
 )
 
 
+#: Latent channels of each VAE architecture.
+VAE_Z_DIM = {"wan2.1": 16, "wan2.2": 48}
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """Official defaults of one Wan2.2 task (Wan-Video/Wan2.2 `wan/configs`, fact sheet §1.2)."""
@@ -58,6 +62,11 @@ class TaskSpec:
     @property
     def needs_image(self) -> bool:
         return self.mode == "i2v"
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE's latent (z_dim): fixed by the VAE architecture, 16 (Wan2.1) or 48 (Wan2.2)."""
+        return VAE_Z_DIM[self.vae]
 
     @property
     def accepts_image(self) -> bool:

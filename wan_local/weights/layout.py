@@ -25,7 +25,6 @@ HIGH, LOW, SINGLE = "high_noise", "low_noise", "model"
 _OFFICIAL_VAE = {"wan2.1": "Wan2.1_VAE.pth", "wan2.2": "Wan2.2_VAE.pth"}
 _OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
 _TOKENIZER_DIRS = ("google/umt5-xxl", "tokenizer", "umt5-xxl")
-_VAE_Z_DIM = {"wan2.1": 16, "wan2.2": 48}
 _HOW_TO_GET = {
     "t2v-A14B": "Wan-AI/Wan2.2-T2V-A14B",
     "i2v-A14B": "Wan-AI/Wan2.2-I2V-A14B",
@@ -159,7 +158,7 @@ def _comfyui(root: Path, spec: TaskSpec) -> CheckpointSet:
             continue
         z_shape = _find_key(header, "post_quant_conv.weight") or _find_key(header, "conv2.weight")
         if _find_key(header, "decoder.conv1.weight") or _find_key(header, "decoder.conv_in.weight"):
-            if z_shape is not None and z_shape[0] == _VAE_Z_DIM[spec.vae] and vae is None:
+            if z_shape is not None and z_shape[0] == spec.latent_channels and vae is None:
                 vae = path
             continue
         if _find_key(header, "SelfAttention.relative_attention_bias.weight") and text_encoder is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wan_local.engine.request import GenerationSettings, JobSettings
-from wan_local.errors import CheckpointError, InputError
+from wan_local.errors import InputError
 from wan_local.kernels import JobKernels, Software, choose_kernels, detect_software
 from wan_local.machine import MachineInfo
 from wan_local.memory.bytes import BF16_BYTES, ComponentBytes
@@ -83,15 +83,8 @@ def read_checkpoint(ckpt_dir: Path | str, spec: TaskSpec) -> CheckpointInfo:
 
     files = find_checkpoints(Path(ckpt_dir), spec)
     dit = Path(files.dit[HIGH if spec.two_experts else SINGLE])
-    try:
-        config = headers.read_dit_config(dit)
-        tensors = headers.dit_tensor_table(dit)
-    except KeyError as exc:
-        raise CheckpointError(f"{dit}: missing tensor or config field {exc}") from exc
-    except ValueError as exc:
-        raise CheckpointError(f"{dit}: invalid model configuration ({exc})") from exc
-    if config.model_type != spec.model_type:
-        raise CheckpointError(f"{dit} holds a {config.model_type!r} DiT but {spec.name} needs {spec.model_type!r}")
+    config = headers.checked_dit_config(dit, spec)
+    tensors = headers.dit_tensor_table(dit)
     text_encoder = headers.tensor_table(files.text_encoder)
     weights = {k: t for k, t in text_encoder.items() if t.shape and "scale" not in k and k != "spiece_model"}
     return CheckpointInfo(

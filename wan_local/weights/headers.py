@@ -93,6 +93,19 @@ def read_dit_config(path: Path) -> DiTConfig:
     return dit_config_from_state_dict(shapes, hints)
 
 
+def checked_dit_config(path: Path, spec: Any) -> DiTConfig:
+    """`read_dit_config(path)` for task `spec`, every failure a CheckpointError naming the file."""
+    try:
+        cfg = read_dit_config(Path(path))
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: missing tensor or config field {exc}") from exc
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: invalid model configuration ({exc})") from exc
+    if cfg.model_type != spec.model_type:
+        raise CheckpointError(f"{path} holds a {cfg.model_type!r} DiT but {spec.name} needs {spec.model_type!r}")
+    return cfg
+
+
 def dit_config_for_checkpoint(ckpt_dir: Path | str, task: str) -> DiTConfig:
     """The real DiT config of the checkpoint of `task` under `ckpt_dir` (any of the three layouts).
 
@@ -103,16 +116,7 @@ def dit_config_for_checkpoint(ckpt_dir: Path | str, task: str) -> DiTConfig:
 
     spec = get_task(task)
     files = find_checkpoints(Path(ckpt_dir), spec)
-    path = files.dit[HIGH if spec.two_experts else SINGLE]
-    try:
-        cfg = read_dit_config(Path(path))
-    except KeyError as exc:
-        raise CheckpointError(f"{path}: missing tensor or config field {exc}") from exc
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: invalid model configuration ({exc})") from exc
-    if cfg.model_type != spec.model_type:
-        raise CheckpointError(f"{path} holds a {cfg.model_type!r} DiT but {spec.name} needs {spec.model_type!r}")
-    return cfg
+    return checked_dit_config(files.dit[HIGH if spec.two_experts else SINGLE], spec)
 
 
 def param_count(path: Path) -> int:

@@ -14,7 +14,8 @@ tensor op the compute runs while `watching()`):
   ordered before it (no wait on an event recorded after the copy) is a "read before ready" violation; a copy
   into a buffer that runs without having waited on a compute event recorded after the buffer's last compute
   read is an "early reuse" violation (the compute here is eager, so early reuse cannot corrupt data; it is
-  reported instead).
+  reported instead); a host `copy_` into the source of a copy that has not run (a staging chunk reused before
+  its event fired) is a "source overwritten" violation.
 Device buffers are CPU tensors from `torch.empty(..., device="cuda")` on the patched module; host pinning
 (cudaHostRegister, `pin_memory=True`) is a no-op that succeeds.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -133,6 +135,7 @@ class CudaSimulator:
         self.streams: list[SimStream] = []
         self.compute = SimStream(self, eager=True)
         self.buffers: dict[int, _Buffer] = {}  # storage data_ptr -> state
+        self.sources: dict[int, int] = {}  # storage data_ptr -> copies reading it that have not run
         self.violations: list[str] = []
         self.copies = self.late_copies = self.forced_ops = 0
         self._local = threading.local()
@@ -162,6 +165,8 @@ class CudaSimulator:
             if non_blocking and dst.untyped_storage().data_ptr() in self.buffers:
                 self.copy_async(dst, src)
                 return dst
+            if self.sources.get(dst.untyped_storage().data_ptr()):
+                self.violations.append("source overwritten: a host copy into the source of a pending copy")
             return real_copy(dst, src, non_blocking)
 
         monkeypatch.setattr(torch.Tensor, "copy_", copy_)
@@ -173,8 +178,15 @@ class CudaSimulator:
             raise NotImplementedError("the simulator allocates uint8 device buffers only")
         buf = aligned_empty(int(size[0]) if len(size) == 1 else int(torch.Size(size).numel()))
         buf.fill_(POISON)
-        self.buffers[buf.untyped_storage().data_ptr()] = _Buffer()
+        key, state = buf.untyped_storage().data_ptr(), _Buffer()
+        self.buffers[key] = state
+        weakref.finalize(buf, self._forget, key, state)  # its address may come back as an ordinary CPU tensor
         return buf
+
+    def _forget(self, key: int, state: _Buffer) -> None:
+        with self.lock:
+            if self.buffers.get(key) is state:
+                del self.buffers[key]
 
     def current_stream(self) -> SimStream:
         return getattr(self._local, "stream", self.compute)
@@ -209,6 +221,8 @@ class CudaSimulator:
             self.copies += 1
             self._raw(lambda: dst.fill_(POISON))
             self.buffers[dst.untyped_storage().data_ptr()].pending += 1
+            key = src.untyped_storage().data_ptr()
+            self.sources[key] = self.sources.get(key, 0) + 1
             self.issue(self.current_stream(), _Op("copy", 0, dst=dst, src=src))
 
     def issue(self, stream: SimStream, op: _Op) -> None:
@@ -253,6 +267,7 @@ class CudaSimulator:
                 self.violations.append(f"early reuse: copy on stream {stream.id} overwrites a buffer the compute read")
             self._raw(lambda: op.dst.copy_(op.src))
             buf.pending -= 1
+            self.sources[op.src.untyped_storage().data_ptr()] -= 1
             buf.writer = (stream.id, stream.done)
             self.late_copies += self.ticks > op.issued_at
         op.clock = dict(stream.clock)

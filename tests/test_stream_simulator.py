@@ -4,16 +4,21 @@ streamed == resident bit for bit over many delay seeds, and the simulator catche
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from cuda_simulator import CudaSimulator
 from streaming_models import golden_model, random_dit, run
 
-from wan_local.memory import pinned, streaming
+from wan_local.memory import experts, pinned, streaming
+from wan_local.memory.experts import ExpertSlots
+from wan_local.memory.options import MemoryOptions
 from wan_local.memory.streaming import BlockStreamer
+from wan_local.weights.layout import HIGH, LOW
+from wan_local.weights.loading import load_dit
 
-SEEDS = range(12)
+SEEDS = range(10)
 PINNED = {"pinned": 1 << 40, "pageable": 0}  # pinned_cap_bytes
 
 
@@ -68,6 +73,38 @@ def test_tiny_fixture_passes_the_simulator(depth, tiny: Path, cases: dict, golde
             assert all(torch.equal(out, resident) for out in outs), (seed, pin)
 
 
+@pytest.mark.parametrize("pin", PINNED)
+def test_expert_slots_pass_the_simulator(pin, tiny: Path, cases: dict, golden, monkeypatch) -> None:
+    """ExpertSlots switches between two streamed experts and re-attaches an idle one's prepared streamer."""
+    g = golden("dit_t2v")
+    paths = {HIGH: tiny / "t2v-A14B" / "high_noise_model", LOW: tiny / "t2v-A14B" / "low_noise_model"}
+    resident = {e: run(load_dit(p).eval(), g) for e, p in paths.items()}
+    plan = SimpleNamespace(
+        streamed_blocks=(0, 1), prefetch_depth=1, pinned_host_bytes=PINNED[pin], staging_host_bytes=0,
+        ffn_chunk_tokens=None,
+    )  # fmt: skip
+    made: list[BlockStreamer] = []
+
+    class OnSimulatedCuda(BlockStreamer):  # the slots place on "cpu"; their streamer takes the CUDA path
+        def __init__(self, model, streamed, device, *args, **kw) -> None:
+            super().__init__(model, streamed, "cuda", *args, **kw)
+            made.append(self)
+
+    sim = CudaSimulator(seed=7)
+    sim.install(monkeypatch)
+    monkeypatch.setattr(experts, "BlockStreamer", OnSimulatedCuda)
+    slots = ExpertSlots(paths, "t2v", torch.device("cpu"), torch.float32, MemoryOptions())
+    slots.configure(plan, keep_idle=True)
+    outs = []
+    for expert in (HIGH, LOW, HIGH, LOW):
+        with sim.watching():
+            outs.append((expert, [run(slots(expert), g) for _ in range(2)]))
+    slots.release()
+    assert len(made) == 2 and all(s.stats.packs == 2 for s in made)  # the idle expert was re-attached, not re-packed
+    assert sim.violations == [], sim.violations[:3]
+    assert all(torch.equal(out, resident[e]) for e, pair in outs for out in pair)
+
+
 def _skip_compute_wait(self, load) -> None:
     load.wait_issued()  # BlockStreamer._wait_ready without compute.wait_event(load.ready)
 
@@ -85,7 +122,7 @@ def test_missing_ready_wait_is_caught(pin, dit_case, monkeypatch) -> None:
         assert any(v.startswith("read before ready") for v in sim.violations), seed
         wrong += any(not torch.equal(out, resident) for out in outs)
     print(f"missing ready wait ({pin}): 5/5 seeds flagged, {wrong}/5 with NaN or wrong output")
-    assert wrong > 0
+    assert wrong > 0 or pin == "pageable"  # pinned runs have no thread: deterministic, and the poison shows
 
 
 def test_missing_free_wait_is_caught(dit_case, monkeypatch) -> None:
@@ -105,6 +142,26 @@ def test_missing_free_wait_is_caught(dit_case, monkeypatch) -> None:
                 m.setattr(streaming, "issue_copy", issue_without_free_wait)
                 streamed_runs(model, g, sim, 1, pin)
             assert any(v.startswith("early reuse") for v in sim.violations), (pin, seed)
+
+
+def _copy_without_chunk_sync(self, src, dst, stream) -> None:
+    size = self.chunks[0].numel()  # Staging.copy without events[i].synchronize() before reusing chunk i
+    for k, start in enumerate(range(0, src.numel(), size)):
+        i, n = k % 2, min(size, src.numel() - start)
+        self.chunks[i][:n].copy_(src[start : start + n])
+        dst[start : start + n].copy_(self.chunks[i][:n], non_blocking=True)
+        self.events[i].record(stream)
+
+
+def test_missing_staging_sync_is_caught(dit_case, monkeypatch) -> None:
+    model, g, _ = dit_case
+    for seed in range(3):
+        with monkeypatch.context() as m:
+            m.setattr(pinned.Staging, "copy", _copy_without_chunk_sync)
+            sim = CudaSimulator(seed)
+            sim.install(m)
+            streamed_runs(model, g, sim, 1, "pageable")
+        assert any(v.startswith("source overwritten") for v in sim.violations), seed
 
 
 def test_the_simulator_poisons_until_the_wait(monkeypatch) -> None:

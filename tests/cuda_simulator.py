@@ -51,7 +51,6 @@ class _Op:
     target: _Op | None = None  # wait: the record (or last op) waited for
     done: bool = False
     clock: dict[int, int] = field(default_factory=dict)  # the stream's vector clock once this op ran
-    issued_at: int = 0
 
 
 @dataclass
@@ -137,7 +136,7 @@ class CudaSimulator:
         self.buffers: dict[int, _Buffer] = {}  # storage data_ptr -> state
         self.sources: dict[int, int] = {}  # storage data_ptr -> copies reading it that have not run
         self.violations: list[str] = []
-        self.copies = self.late_copies = self.forced_ops = 0
+        self.copies = self.forced_copies = 0  # copies issued; of those, run early because a wait needed them
         self._local = threading.local()
 
     # --------------------------------------------------------------------------------- the patched names
@@ -226,7 +225,7 @@ class CudaSimulator:
             self.issue(self.current_stream(), _Op("copy", 0, dst=dst, src=src))
 
     def issue(self, stream: SimStream, op: _Op) -> None:
-        op.due, op.issued_at = self.ticks + self.rng.randint(0, self.max_delay), self.ticks
+        op.due = self.ticks + self.rng.randint(0, self.max_delay)
         stream.ops.append(op)
         stream.last = op
         if stream.eager:
@@ -250,7 +249,7 @@ class CudaSimulator:
             head = stream.ops[0]
             if head.kind == "wait" and not head.target.done:
                 self.force(head.target)
-            self.forced_ops += head.due > self.ticks
+            self.forced_copies += head.kind == "copy" and head.due > self.ticks
             self._run(stream)
 
     def _run(self, stream: SimStream) -> None:
@@ -269,7 +268,6 @@ class CudaSimulator:
             buf.pending -= 1
             self.sources[op.src.untyped_storage().data_ptr()] -= 1
             buf.writer = (stream.id, stream.done)
-            self.late_copies += self.ticks > op.issued_at
         op.clock = dict(stream.clock)
         op.done = True
 

@@ -3,6 +3,7 @@ streamed == resident bit for bit over many delay seeds, and the simulator catche
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ from wan_local.weights.layout import HIGH, LOW
 from wan_local.weights.loading import load_dit
 
 SEEDS = range(10)
+DELAYS = (20, 100, 400)  # most ticks a copy may take: shorter than a block's ops, about one, several
 PINNED = {"pinned": 1 << 40, "pageable": 0}  # pinned_cap_bytes
 
 
@@ -30,12 +32,12 @@ def dit_case():
     return model, g, run(model, g)
 
 
-def streamed_runs(model, g, sim: CudaSimulator, depth: int, pin: str, chunk_bytes: int = 4096) -> list[torch.Tensor]:
+def streamed_runs(model, g, sim: CudaSimulator, depth: int, pin: str, chunk_bytes: int = 4096, **kw) -> list:
     """Two forwards of `model` with all its blocks streamed through `sim` (installed); uninstalled after.
 
     The default staging chunks are small, so a pageable block goes through both chunks more than once."""
     streamed = range(len(model.blocks))
-    streamer = BlockStreamer(model, streamed, "cuda", depth, PINNED[pin], chunk_bytes=chunk_bytes)
+    streamer = BlockStreamer(model, streamed, "cuda", depth, PINNED[pin], chunk_bytes=chunk_bytes, **kw)
     with streamer, sim.watching():
         return [run(model, g) for _ in range(2)]
 
@@ -44,18 +46,18 @@ def streamed_runs(model, g, sim: CudaSimulator, depth: int, pin: str, chunk_byte
 @pytest.mark.parametrize("depth", [1, 2])
 def test_streamer_passes_the_simulator(depth, pin, dit_case, monkeypatch) -> None:
     model, g, resident = dit_case
-    late = forced = 0
+    copies = forced = 0
     for seed in SEEDS:
         with monkeypatch.context() as m:
-            sim = CudaSimulator(seed)
+            sim = CudaSimulator(seed, max_delay=DELAYS[seed % len(DELAYS)])
             sim.install(m)
             outs = streamed_runs(model, g, sim, depth, pin)
         assert sim.violations == [], (seed, sim.violations[:3])
         assert all(torch.equal(out, resident) for out in outs), seed
         assert sim.copies > 0
-        late, forced = late + sim.late_copies, forced + sim.forced_ops
-    print(f"depth {depth} {pin}: {len(SEEDS)} seeds, copies that landed late {late}, ops forced by a wait {forced}")
-    assert late > 0 and forced > 0  # the delays were real: copies did land after their issue
+        copies, forced = copies + sim.copies, forced + sim.forced_copies
+    print(f"depth {depth} {pin}: {len(SEEDS)} seeds, {copies} copies, {forced} still pending when a wait needed them")
+    assert 0 < forced < copies  # the delays were real: some copies landed by themselves, some had to be waited for
 
 
 @pytest.mark.parametrize("depth", [1, 2])
@@ -68,7 +70,7 @@ def test_tiny_fixture_passes_the_simulator(depth, tiny: Path, cases: dict, golde
             with monkeypatch.context() as m:
                 sim = CudaSimulator(seed)
                 sim.install(m)
-                outs = streamed_runs(model, g, sim, depth, pin)
+                outs = streamed_runs(model, g, sim, depth, pin, timing=True)  # timing events too
             assert sim.violations == [], (seed, pin, sim.violations[:3])
             assert all(torch.equal(out, resident) for out in outs), (seed, pin)
 
@@ -142,6 +144,32 @@ def test_missing_free_wait_is_caught(dit_case, monkeypatch) -> None:
                 m.setattr(streaming, "issue_copy", issue_without_free_wait)
                 streamed_runs(model, g, sim, 1, pin)
             assert any(v.startswith("early reuse") for v in sim.violations), (pin, seed)
+
+
+def test_missing_issue_wait_is_caught(dit_case, monkeypatch) -> None:
+    """The compute waits `ready` without first waiting for the copy thread to record it: the thread is held
+    until the compute has waited (at most 0.2 s, for the loads still queued at detach)."""
+    model, g, _ = dit_case
+    real_issue = pinned.issue_copy
+    waited: dict[int, threading.Event] = {}  # id(load) -> set once the compute waited
+
+    def late_issue(load, stream, staging) -> None:
+        waited.setdefault(id(load), threading.Event()).wait(timeout=0.2)
+        real_issue(load, stream, staging)
+
+    def wait_without_issue(self, load) -> None:
+        streaming.torch.cuda.current_stream(self.device).wait_event(load.ready)
+        waited.setdefault(id(load), threading.Event()).set()
+
+    for seed in range(2):
+        waited.clear()
+        with monkeypatch.context() as m:
+            m.setattr(pinned, "issue_copy", late_issue)
+            m.setattr(BlockStreamer, "_wait_ready", wait_without_issue)
+            sim = CudaSimulator(seed)
+            sim.install(m)
+            streamed_runs(model, g, sim, 1, "pageable")
+        assert sim.violations, seed
 
 
 def _copy_without_chunk_sync(self, src, dst, stream) -> None:

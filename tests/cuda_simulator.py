@@ -260,7 +260,7 @@ class CudaSimulator:
             for k, v in op.target.clock.items():
                 stream.clock[k] = max(stream.clock.get(k, 0), v)
         elif op.kind == "copy":
-            buf = self.buffers[op.dst.untyped_storage().data_ptr()]
+            buf = self.buffers.get(op.dst.untyped_storage().data_ptr(), _Buffer(pending=1))  # or freed since
             read = buf.last_read
             if read is not None and stream.clock.get(self.compute.id, 0) <= read:
                 self.violations.append(f"early reuse: copy on stream {stream.id} overwrites a buffer the compute read")

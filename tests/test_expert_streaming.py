@@ -135,7 +135,7 @@ def test_kept_experts_are_packed_and_pinned_once(tiny, cache_dir, monkeypatch):
     assert [(s.stats.packs, s.stats.pins) for s in streamers] == [(NUM_BLOCKS, NUM_BLOCKS)] * 2
     assert len(registered) == 2 * NUM_BLOCKS and unregistered == []
     pinned_bytes = [s.stats.pinned_bytes for s in streamers]
-    assert sorted(e.pinned_bytes for e in ledger.entries()) == sorted(pinned_bytes) and all(pinned_bytes)
+    assert sorted(e.pinned_bytes for e in ledger.entries(kind="dit")) == sorted(pinned_bytes) and all(pinned_bytes)
 
     second = pipe.generate(settings)
     assert len(streamers) == 2, "the kept experts' streamers were re-attached, not made again"

@@ -247,10 +247,15 @@ def test_the_worker_admits_each_job_again_when_it_claims_it(tiny, tmp_path, stor
     fits = dict(ckpt_dir=str(tiny / "t2v-A14B"), size=(64, 48), frames=5, steps=2, device="cpu")
     _add(store, "a fox", **fits)
     _add(store, "an owl", **fits)
+    import wan_local.engine.resolve as resolve_module
+
     real = wan_local.machine.detect_machine()
     starved = dataclasses.replace(real, ram_available_bytes=2**30)  # 1 GiB left: less than the margin kept free
-    machines = iter([starved, real])
-    monkeypatch.setattr(wan_local.machine, "detect_machine", lambda *a, **k: next(machines, real))
+    machines = iter([starved])  # the first job's claim sees the starved machine, everything after the real one
+    resolve = resolve_module.resolve_job
+    monkeypatch.setattr(
+        resolve_module, "resolve_job", lambda job, **kw: resolve(job, **{"machine": next(machines, real), **kw})
+    )
     loads = []
     monkeypatch.setattr(WanPipeline, "__init__", lambda self, *a, **k: loads.append(a) or _no_pipeline())
     runner = PipelineRunner(tmp_path / "out", tmp_path / "previews")

@@ -447,9 +447,9 @@ def main(argv: list[str] | None = None) -> int:
         "files": files,
         "jobs": [],
         "notes": [
-            "preliminary: the estimator's CPU RAM model is being rewritten; re-measure after that change",
-            f"generate runs with --dtype {args.dtype} (the CPU default is fp32, which doubles every weight; the "
-            "estimator assumes bf16 on the CPU)",
+            "the prediction is `wan-local estimate --cpu --json`'s estimate.peak_ram_bytes for the same job; "
+            "peak RSS includes the mapped file pages the job touches",
+            f"generate runs with --dtype {args.dtype} (the default; fp32 doubles every weight)",
             "ComfyUI tensors kept in 'higher precision' (norms, biases, embeddings, VAE) are written as float16: "
             "the spec leaves their dtype open",
             "the checkpoints were just written, so the page cache may hold them: load times are warm-ish",

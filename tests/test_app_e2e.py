@@ -25,8 +25,6 @@ CHROMIUM_ARGS = [
     "--disable-sync", "--no-first-run",
 ]  # fmt: skip
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture
 def app_server(tmp_path, tiny):

@@ -536,7 +536,6 @@ def test_long_windows_paths_are_flagged():
     assert path_length_warning(deep, long_paths=True) is None
 
 
-@pytest.mark.slow
 def test_ensure_venv_repairs_a_broken_venv(tmp_path):
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)

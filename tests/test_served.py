@@ -144,7 +144,6 @@ def save_settings(client, output_dir: str) -> str:
     return client.predict(output_dir, *[""] * len(TASKS), "auto", 7860, False, api_name="/save_settings")
 
 
-@pytest.mark.slow
 def test_state_and_system_files_are_refused_and_a_video_is_served(app):
     assert (app.home / "jobs.sqlite3").is_file() and (app.home / "settings.json").exists() is False
     (app.home / "settings.json").write_text("{}")  # present, so a 403 is the policy and not a missing file
@@ -153,7 +152,6 @@ def test_state_and_system_files_are_refused_and_a_video_is_served(app):
     assert fetch(f"{app.url}/gradio_api/file=https://example.com/")[0] == 403  # no fetching on our behalf
 
 
-@pytest.mark.slow
 def test_settings_saved_through_the_api_never_expose_more(app):
     from gradio_client import Client
 
@@ -208,7 +206,6 @@ def test_the_network_needs_a_password_and_the_lan_setting_without_one_stays_loca
     assert host == "0.0.0.0" and user == "me" and len(password) >= 16 and password in caplog.text
 
 
-@pytest.mark.slow
 def test_listen_with_a_password_asks_every_request_for_it(tmp_path):
     from gradio_client import Client
     from gradio_client.exceptions import AuthenticationError

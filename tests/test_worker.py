@@ -248,6 +248,10 @@ def test_the_worker_admits_each_job_again_when_it_claims_it(tiny, tmp_path, stor
     _add(store, "a fox", **fits)
     _add(store, "an owl", **fits)
     import wan_local.engine.resolve as resolve_module
+    from wan_local.memory import ledger as ledger_module
+
+    # A ledger of its own: models other tests left loaded would be evicted and the job admitted on the second try.
+    monkeypatch.setattr(ledger_module, "_PROCESS_LEDGER", ledger_module.MemoryLedger())
 
     real = wan_local.machine.detect_machine()
     starved = dataclasses.replace(real, ram_available_bytes=2**30)  # 1 GiB left: less than the margin kept free

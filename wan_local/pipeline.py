@@ -1,8 +1,9 @@
 """A generation from settings to video, in stages that each free what they no longer need.
 
-    plan (CUDA: what stays resident, what streams, VAE tile) -> encode prompts (cache, else UMT5 on the CPU, then
-    released) -> build conditioning (VAE encode for image tasks) -> draw noise -> denoise (one expert on the device
-    at a time; the next one prefetched when RAM allows) -> VAE decode (tiled when the plan says so) -> (caller saves)
+    the plan it is given (wan_local.engine: what stays resident, what streams, VAE tile) -> encode prompts
+    (cache, else UMT5 on the CPU, then released) -> build conditioning (VAE encode for image tasks) -> draw noise
+    -> denoise (one expert on the device at a time; the next one prefetched when RAM allows) -> VAE decode (tiled
+    when the plan says so) -> (caller saves)
 
 Numerics follow the official pipelines; on CUDA with bf16 the DiT runs in the reference's bf16 autocast regime
 with bf16 weights, the VAE in float32; `dtype=torch.float32` gives the float32 regime the golden tests use.
@@ -27,10 +28,8 @@ from wan_local import __version__, paths
 from wan_local.engine.request import GenerationSettings
 from wan_local.errors import InputError, WanLocalError
 from wan_local.kernels import JobKernels, choose_kernels, detect_software
-from wan_local.machine import detect_machine
-from wan_local.memory.estimate import JobEstimate, estimate_job
 from wan_local.memory.experts import ExpertSlots
-from wan_local.memory.ledger import process_ledger
+from wan_local.memory.ledger import process_ledger, tensor_bytes
 from wan_local.memory.options import MemoryOptions
 from wan_local.memory.plan import ResidencyPlan
 from wan_local.memory.vae_tiling import choose_tile, default_overlap, tiled_decode, tiled_encode
@@ -44,7 +43,6 @@ from wan_local.sampling.solvers import make_solver
 from wan_local.specs import TaskSpec, get_task
 from wan_local.text_cache import PromptCache, cache_key
 from wan_local.video import load_image
-from wan_local.weights.headers import component_bytes_for_checkpoint, dit_config_for_checkpoint
 from wan_local.weights.layout import CheckpointSet, find_checkpoints
 from wan_local.weights.loading import load_text_encoder, load_vae
 
@@ -110,16 +108,6 @@ class WanPipeline:
 
     # ------------------------------------------------------------------------------------------------ stages
 
-    def estimate(self, s: GenerationSettings) -> JobEstimate | None:
-        """The residency plan and cost of `s` on this machine, for callers that pass no plan to `generate` (CUDA
-        only; on the CPU everything is then resident). The engine's runner passes the admitted plan instead."""
-        if self.device.type != "cuda":
-            return None
-        config = dit_config_for_checkpoint(self.ckpt_dir, self.spec.name)
-        components = component_bytes_for_checkpoint(self.ckpt_dir, self.spec.name)
-        machine = detect_machine()
-        return estimate_job(s.task, s.size, s.frames, s.steps, self.memory, machine, config, components=components)
-
     def kernels(self) -> JobKernels:
         """The attention kernel and FP8 GEMM for this pipeline's device, dtype and memory options."""
         capability = tuple(torch.cuda.get_device_capability(self.device)) if self.device.type == "cuda" else None
@@ -140,7 +128,7 @@ class WanPipeline:
         if missing:
             tokenizer = PromptTokenizer.from_dir(self.files.tokenizer)
             encoder = load_text_encoder(self.files.text_encoder, dtype=self.dtype)
-            key = self.ledger.register(f"{self.spec.name} UMT5", "text_encoder", host_bytes=_weight_bytes(encoder))
+            key = self.ledger.register(f"{self.spec.name} UMT5", "text_encoder", host_bytes=tensor_bytes(encoder)[0])
             try:
                 ids, mask = tokenizer([prompt, negative_prompt], max_length=self.spec.text_len)
                 with torch.no_grad():
@@ -159,7 +147,7 @@ class WanPipeline:
         if self._vae is None:
             vae = load_vae(self.files.vae, self.spec.vae)
             name = f"{self.spec.name} VAE"
-            self._vae_key = self.ledger.register(name, "vae", host_bytes=_weight_bytes(vae), evict=self._drop_vae)
+            self._vae_key = self.ledger.register(name, "vae", host_bytes=tensor_bytes(vae)[0], evict=self._drop_vae)
             weakref.finalize(vae, self.ledger.release, self._vae_key)  # dropped without close(): not counted on
             self._vae = vae
         elif self._vae_key is not None:
@@ -245,7 +233,8 @@ class WanPipeline:
 
         resume: (latent, solver state) taken from a StepEvent of an earlier, interrupted run of the same settings;
         denoising continues after that step and the result equals an uninterrupted run.
-        plan: the admitted residency plan (wan_local.engine); None plans here (`estimate`).
+        plan: the admitted residency plan (wan_local.engine plans every job); None runs every block resident,
+        the VAE untiled unless memory.vae_tiling says "on".
         kernels: the job's resolved kernels (wan_local.engine); None chooses them here (`kernels`), raising
         InputError for an explicit kernel this machine cannot run before anything loads.
         """
@@ -268,11 +257,6 @@ class WanPipeline:
                 on_stage(name)
 
         image = load_image(Path(s.image)) if s.image else None  # a bad image fails before any model loads
-        if plan is None:
-            estimate = self.estimate(s)
-            plan = estimate.plan if estimate is not None else None
-            if plan is not None:
-                log.info("plan: %s", "; ".join(" ".join(line.split()) for line in plan.describe()))
         keep_idle = plan.experts_in_ram > 1 if plan is not None else self.memory.keep_idle_expert == "keep"
         self.experts.configure(plan, keep_idle)
         try:
@@ -331,11 +315,6 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
             f"{what} holds NaN or infinite values, so no video was written: a damaged model file, an extreme "
             "guidance scale or shift, or a numeric overflow (try --dtype bf16 on the GPU or other settings)"
         )
-
-
-def _weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers as held now."""
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
 def _free_device_bytes(device: torch.device) -> int:

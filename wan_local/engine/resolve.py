@@ -68,13 +68,6 @@ def _dtype_name(stored: str) -> str:
     return _DTYPE_NAMES.get(stored, stored)
 
 
-def _file_bytes(path: Path) -> int:
-    path = Path(path)
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.iterdir() if p.suffix == ".safetensors")
-    return path.stat().st_size
-
-
 def read_checkpoint(ckpt_dir: Path | str, spec: TaskSpec) -> CheckpointInfo:
     """Find `spec`'s files under `ckpt_dir` and read their headers (never tensor data); CheckpointError naming
     the file for anything missing, unreadable or of the wrong task."""
@@ -91,10 +84,10 @@ def read_checkpoint(ckpt_dir: Path | str, spec: TaskSpec) -> CheckpointInfo:
         files=files,
         dit_config=config,
         dit_tensors=tensors,
-        dit_file_bytes=_file_bytes(dit),
+        dit_file_bytes=headers.checkpoint_file_bytes(dit),
         text_encoder_params=sum(t.numel for t in weights.values()),
         vae_params=headers.param_count(files.vae),
-        text_encoder_file_bytes=_file_bytes(files.text_encoder),
+        text_encoder_file_bytes=headers.checkpoint_file_bytes(files.text_encoder),
         text_encoder_dtypes=frozenset(_dtype_name(t.dtype) for t in weights.values()),
         text_encoder_embedding_params=max((t.numel for t in weights.values()), default=0),
     )

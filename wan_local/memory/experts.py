@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from wan_local.errors import CheckpointError
-from wan_local.memory.ledger import MemoryLedger, process_ledger
+from wan_local.memory.ledger import MemoryLedger, process_ledger, tensor_bytes
 from wan_local.memory.options import MemoryOptions
 from wan_local.memory.plan import ResidencyPlan
 from wan_local.memory.streaming import BlockStreamer, move_unstreamed
@@ -39,6 +39,7 @@ from wan_local.models.dit import WanDiT
 from wan_local.specs import TASKS
 from wan_local.weights import fp8
 from wan_local.weights.files import read_safetensors
+from wan_local.weights.headers import checkpoint_file_bytes
 from wan_local.weights.layout import SINGLE
 from wan_local.weights.loading import load_dit
 
@@ -125,7 +126,7 @@ class ExpertSlots:
         """Read `expert` from disk (in the prefetch thread, or the caller's), accounted in the ledger."""
         path = self._paths[expert]
         name = f"{self._task} DiT" if expert == SINGLE else f"{self._task} {expert} DiT"  # "t2v-A14B high_noise DiT"
-        key = self._ledger.reserve(name, "dit", host_bytes=_file_bytes(path))
+        key = self._ledger.reserve(name, "dit", host_bytes=checkpoint_file_bytes(path))
         try:
             model = self._load(path)
         except BaseException:
@@ -300,27 +301,9 @@ class ExpertSlots:
             torch.cuda.empty_cache()
 
 
-def _file_bytes(path: Path) -> int:
-    """Bytes of a checkpoint on disk (a file, or the safetensors of a folder): the estimate a read reserves."""
-    path = Path(path)
-    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
-    return sum(f.stat().st_size for f in files if f.is_file())
-
-
 def _footprint(model: torch.nn.Module, streamer: BlockStreamer | None) -> tuple[int, int]:
     """(host bytes, VRAM bytes) of the model's tensors where they are now, plus the streamer's device buffers."""
-    host = vram = 0
-    seen: set[int] = set()
-    tensors = [*model.parameters(), *model.buffers()] if isinstance(model, torch.nn.Module) else []  # test wrappers
-    for t in tensors:
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        n = t.numel() * t.element_size()
-        if t.device.type == "cpu":
-            host += n
-        else:
-            vram += n
+    host, vram = tensor_bytes(model) if isinstance(model, torch.nn.Module) else (0, 0)  # test wrappers hold none
     if streamer is not None and streamer.installed and streamer.device.type != "cpu":
         vram += streamer.stats.device_buffer_bytes
     if streamer is not None:

@@ -226,6 +226,23 @@ def _sizes(host_bytes: int = 0, pinned_bytes: int = 0, vram_bytes: int = 0) -> d
     return sizes
 
 
+def tensor_bytes(module) -> tuple[int, int]:
+    """(host bytes, device bytes) of a torch module's parameters and buffers where they are now, each tensor
+    counted once: what an owner records when it registers a loaded model."""
+    host = device = 0
+    seen: set[int] = set()
+    for t in (*module.parameters(), *module.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        n = t.numel() * t.element_size()
+        if t.device.type == "cpu":
+            host += n
+        else:
+            device += n
+    return host, device
+
+
 _PROCESS_LEDGER = MemoryLedger()
 
 

@@ -119,6 +119,13 @@ def dit_config_for_checkpoint(ckpt_dir: Path | str, task: str) -> DiTConfig:
     return checked_dit_config(files.dit[HIGH if spec.two_experts else SINGLE], spec)
 
 
+def checkpoint_file_bytes(path: Path) -> int:
+    """Bytes of a checkpoint on disk: a file, or the safetensors shards of a folder."""
+    path = Path(path)
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
 def param_count(path: Path) -> int:
     """Number of tensor elements in a safetensors file/folder (headers only) or a .pth (memory-mapped)."""
     return sum(info.numel for info in tensor_table(path).values())

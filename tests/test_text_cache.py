@@ -11,6 +11,7 @@ import torch
 
 from wan_local.errors import InputError
 from wan_local.text_cache import PromptCache, cache_key, default_cache_dir
+from wan_local.weights.tokenizer_source import TokenizerSource
 
 
 @pytest.fixture
@@ -21,6 +22,10 @@ def encoder_files(tmp_path: Path, tiny: Path) -> tuple[Path, Path]:
     tok = tmp_path / "google" / "umt5-xxl"
     shutil.copytree(tiny / "t2v-A14B" / "google" / "umt5-xxl", tok)
     return enc, tok
+
+
+def _tid(folder: Path) -> str:
+    return TokenizerSource(folder, None).identity()
 
 
 def _embedding(seed: int, length: int = 7, dim: int = 32) -> torch.Tensor:
@@ -38,52 +43,63 @@ def _set_mtime(path: Path, seconds: int) -> None:
 # ------------------------------------------------------------------------------------------------ keys
 def test_key_is_stable_and_ignores_cleanable_differences(encoder_files) -> None:
     enc, tok = encoder_files
-    key = cache_key(enc, tok, "a cat  on a   skateboard", torch.bfloat16)
-    assert len(key) == 64 and key == cache_key(enc, tok, "a cat  on a   skateboard", torch.bfloat16)
+    key = cache_key(enc, _tid(tok), "a cat  on a   skateboard", torch.bfloat16)
+    assert len(key) == 64 and key == cache_key(enc, _tid(tok), "a cat  on a   skateboard", torch.bfloat16)
     # The prompt is cleaned as the tokenizer cleans it: whitespace runs and HTML entities do not matter.
-    assert key == cache_key(str(enc), str(tok), " a cat on a skateboard\n", torch.bfloat16)
-    assert cache_key(enc, tok, "Tom &amp; Jerry", torch.bfloat16) == cache_key(enc, tok, "Tom & Jerry", torch.bfloat16)
+    assert key == cache_key(str(enc), _tid(tok), " a cat on a skateboard\n", torch.bfloat16)
+    assert cache_key(enc, _tid(tok), "Tom &amp; Jerry", torch.bfloat16) == cache_key(
+        enc, _tid(tok), "Tom & Jerry", torch.bfloat16
+    )
 
 
 def test_key_changes_with_text_dtype_and_length(encoder_files) -> None:
     enc, tok = encoder_files
-    base = cache_key(enc, tok, "a cat", torch.bfloat16)
-    assert cache_key(enc, tok, "a dog", torch.bfloat16) != base
-    assert cache_key(enc, tok, "A cat", torch.bfloat16) != base  # case is kept by the cleaning
-    assert cache_key(enc, tok, "a cat", torch.float32) != base
-    assert cache_key(enc, tok, "a cat", torch.bfloat16, max_length=256) != base
+    base = cache_key(enc, _tid(tok), "a cat", torch.bfloat16)
+    assert cache_key(enc, _tid(tok), "a dog", torch.bfloat16) != base
+    assert cache_key(enc, _tid(tok), "A cat", torch.bfloat16) != base  # case is kept by the cleaning
+    assert cache_key(enc, _tid(tok), "a cat", torch.float32) != base
+    assert cache_key(enc, _tid(tok), "a cat", torch.bfloat16, max_length=256) != base
 
 
 def test_key_changes_with_encoder_file(encoder_files, tmp_path: Path) -> None:
     enc, tok = encoder_files
-    base = cache_key(enc, tok, "a cat", torch.bfloat16)
+    base = cache_key(enc, _tid(tok), "a cat", torch.bfloat16)
     st = enc.stat()
     os.utime(enc, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # same bytes, touched
-    touched = cache_key(enc, tok, "a cat", torch.bfloat16)
+    touched = cache_key(enc, _tid(tok), "a cat", torch.bfloat16)
     assert touched != base
     with open(enc, "ab") as f:  # replaced by a different file
         f.write(b"\0")
-    assert cache_key(enc, tok, "a cat", torch.bfloat16) not in (base, touched)
+    assert cache_key(enc, _tid(tok), "a cat", torch.bfloat16) not in (base, touched)
     moved = tmp_path / "elsewhere.pth"
     shutil.copy2(enc, moved)  # same size and mtime, other path
-    assert cache_key(moved, tok, "a cat", torch.bfloat16) != cache_key(enc, tok, "a cat", torch.bfloat16)
+    assert cache_key(moved, _tid(tok), "a cat", torch.bfloat16) != cache_key(enc, _tid(tok), "a cat", torch.bfloat16)
 
 
-def test_key_changes_with_tokenizer_files(encoder_files) -> None:
+def test_key_changes_with_the_tokenizer_contents(encoder_files) -> None:
+    """The tokenizer enters the key by content (TokenizerSource.identity): same bytes, same key; other ids-deciding
+    bytes, another key; a file the tokenizer never reads does not matter."""
     enc, tok = encoder_files
-    base = cache_key(enc, tok, "a cat", torch.bfloat16)
+    base = cache_key(enc, _tid(tok), "a cat", torch.bfloat16)
     st = (tok / "tokenizer.json").stat()
-    os.utime(tok / "tokenizer.json", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    assert cache_key(enc, tok, "a cat", torch.bfloat16) != base
-    after_touch = cache_key(enc, tok, "a cat", torch.bfloat16)
-    (tok / "added_tokens.json").write_text("{}")
-    assert cache_key(enc, tok, "a cat", torch.bfloat16) != after_touch
+    os.utime(tok / "tokenizer.json", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched only
+    assert cache_key(enc, _tid(tok), "a cat", torch.bfloat16) == base
+    (tok / "README.md").write_text("notes")
+    assert cache_key(enc, _tid(tok), "a cat", torch.bfloat16) == base
+    keys = {base}
+    for name in ("tokenizer.json", "spiece.model", "tokenizer_config.json"):
+        with open(tok / name, "ab") as f:
+            f.write(b" ")
+        keys.add(cache_key(enc, _tid(tok), "a cat", torch.bfloat16))
+    assert len(keys) == 4
+    with pytest.raises(InputError, match="identity"):
+        cache_key(enc, "", "a cat", torch.bfloat16)
 
 
 def test_key_of_missing_encoder_raises(tmp_path: Path, encoder_files) -> None:
     _, tok = encoder_files
     with pytest.raises(InputError, match="does not exist"):
-        cache_key(tmp_path / "nope.pth", tok, "a cat", torch.bfloat16)
+        cache_key(tmp_path / "nope.pth", _tid(tok), "a cat", torch.bfloat16)
 
 
 def test_default_cache_dir_is_per_user() -> None:
@@ -95,13 +111,13 @@ def test_default_cache_dir_is_per_user() -> None:
 def test_miss_then_hit_roundtrips_exactly(tmp_path: Path, encoder_files) -> None:
     enc, tok = encoder_files
     cache = PromptCache(tmp_path / "cache")
-    key = cache_key(enc, tok, "a cat", torch.bfloat16)
+    key = cache_key(enc, _tid(tok), "a cat", torch.bfloat16)
     assert cache.get(key) is None  # folder does not even exist yet
     emb = _embedding(0)
     cache.put(key, emb)
     got = cache.get(key)
     assert got is not None and got.dtype == torch.bfloat16 and torch.equal(got, emb)
-    assert cache.get(cache_key(enc, tok, "a dog", torch.bfloat16)) is None
+    assert cache.get(cache_key(enc, _tid(tok), "a dog", torch.bfloat16)) is None
     # Only the entry is left in the folder (the temporary file was renamed into place).
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"{key}.safetensors"]
 

@@ -35,7 +35,6 @@ from wan_local.memory.plan import ResidencyPlan
 from wan_local.memory.vae_tiling import choose_tile, default_overlap, tiled_decode, tiled_encode
 from wan_local.models.attention import load_kernel as load_attention_kernel
 from wan_local.models.attention import use_kernel as use_attention_kernel
-from wan_local.prompt import PromptTokenizer
 from wan_local.sampling import conditioning as cond
 from wan_local.sampling.denoise import LOW_NOISE, CancelToken, Guidance, StepEvent, denoise
 from wan_local.sampling.schedule import make_schedule
@@ -45,6 +44,7 @@ from wan_local.text_cache import PromptCache, cache_key
 from wan_local.video import load_image
 from wan_local.weights.layout import CheckpointSet, find_checkpoints
 from wan_local.weights.loading import load_text_encoder, load_vae
+from wan_local.weights.tokenizer_source import tokenizer_source
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +117,19 @@ class WanPipeline:
     def encode_prompts(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Trimmed UMT5 contexts [L, text_dim] on the device, from the prompt cache or from UMT5 on the CPU.
 
-        The encoder is loaded only on a cache miss and released right after (11 GB at full size).
+        The encoder is loaded only on a cache miss and released right after (11 GB at full size). The tokenizer is
+        the checkpoint's folder or the one the text-encoder file carries (`wan_local.weights.tokenizer_source`).
         """
+        source = tokenizer_source(self.files.tokenizer, self.files.text_encoder)
+        identity = source.identity()
         keys = [
-            cache_key(self.files.text_encoder, self.files.tokenizer, text, self.dtype, self.spec.text_len)
+            cache_key(self.files.text_encoder, identity, text, self.dtype, self.spec.text_len)
             for text in (prompt, negative_prompt)
         ]
         contexts = [self.prompt_cache.get(key) for key in keys]
         missing = [i for i, c in enumerate(contexts) if c is None]
         if missing:
-            tokenizer = PromptTokenizer.from_dir(self.files.tokenizer)
+            tokenizer = source.load()
             encoder = load_text_encoder(self.files.text_encoder, dtype=self.dtype)
             key = self.ledger.register(f"{self.spec.name} UMT5", "text_encoder", host_bytes=tensor_bytes(encoder)[0])
             try:

@@ -3,9 +3,10 @@
 An entry is one safetensors file `<key>.safetensors` holding the tensor "embedding" ([L, d_model], in the dtype the
 encoder ran in, trimmed to the prompt's true length) plus metadata naming the key and the format version. The key
 (`cache_key`) is a sha256 over everything that decides the embedding: the text-encoder file(s) identity (resolved
-path, size, mtime), the tokenizer folder's files (names, sizes, mtimes), the cleaned prompt, the max token length,
-the dtype and `FORMAT_VERSION`. File identity uses size + mtime rather than a content hash: hashing 11 GB on
-every run would cost more than the encode it saves.
+path, size, mtime), the tokenizer's identity (a content hash: of a tokenizer folder's files, or of the sentencepiece
+model a ComfyUI text-encoder file carries; `wan_local.weights.tokenizer_source`), the cleaned prompt, the max
+token length, the dtype and `FORMAT_VERSION`. The encoder file is identified by size + mtime rather than a content
+hash: hashing 11 GB on every run would cost more than the encode it saves (the tokenizer is a few MB).
 
 Writes are atomic (temporary file in the cache folder + os.replace, `wan_local.tempfiles`), so concurrent readers
 see whole files or nothing. An unreadable or inconsistent file counts as a miss and is removed. The folder is
@@ -33,7 +34,7 @@ from wan_local.tempfiles import atomic_write
 logger = logging.getLogger(__name__)
 
 #: Bump when the key recipe or the file layout changes (old entries then simply miss and age out).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Default folder size cap. A 512-token bf16 UMT5-XXL embedding is 4 MiB; typical prompts are a fraction of that.
 DEFAULT_MAX_BYTES = 512 * 2**20
 _SUFFIX = ".safetensors"
@@ -60,23 +61,24 @@ def _file_identity(path: Path) -> list:
 
 def cache_key(
     text_encoder_path: str | Path,
-    tokenizer_dir: str | Path,
+    tokenizer_identity: str,
     text: str,
     dtype: torch.dtype,
     max_length: int = 512,
 ) -> str:
     """sha256 hex key of the embedding of `text` by this encoder + tokenizer, run in `dtype`.
 
-    The prompt is cleaned first (`clean_prompt`), so prompts that tokenize the same share a key. Any change to the
-    encoder file(s) (path, size, mtime), to a tokenizer file, to the text, dtype, max_length or the format version
-    changes the key.
+    `tokenizer_identity` is the tokenizer's content hash (`TokenizerSource.identity()`). The prompt is cleaned
+    first (`clean_prompt`), so prompts that tokenize the same share a key. Any change to the encoder file(s) (path,
+    size, mtime), to the tokenizer, to the text, dtype, max_length or the format version changes the key.
     """
+    if not tokenizer_identity:
+        raise InputError("the prompt cache key needs the tokenizer's identity")
     encoder = Path(text_encoder_path).resolve()
-    tokenizer = Path(tokenizer_dir).resolve()
     recipe = {
         "format": FORMAT_VERSION,
         "text_encoder": [str(encoder), _file_identity(encoder)],
-        "tokenizer": [str(tokenizer), _file_identity(tokenizer)],
+        "tokenizer": tokenizer_identity,
         "text": clean_prompt(text),
         "max_length": int(max_length),
         "dtype": str(dtype),

@@ -71,15 +71,18 @@ def _dtype_name(stored: str) -> str:
 def read_checkpoint(ckpt_dir: Path | str, spec: TaskSpec) -> CheckpointInfo:
     """Find `spec`'s files under `ckpt_dir` and read their headers (never tensor data); CheckpointError naming
     the file for anything missing, unreadable or of the wrong task."""
-    from wan_local.weights import headers
+    from wan_local.weights import fp8, headers
     from wan_local.weights.layout import HIGH, SINGLE, find_checkpoints
+    from wan_local.weights.tokenizer_source import SPIECE_KEY
 
     files = find_checkpoints(Path(ckpt_dir), spec)
     dit = Path(files.dit[HIGH if spec.two_experts else SINGLE])
     config = headers.checked_dit_config(dit, spec)
     tensors = headers.dit_tensor_table(dit)
     text_encoder = headers.tensor_table(files.text_encoder)
-    weights = {k: t for k, t in text_encoder.items() if t.shape and "scale" not in k and k != "spiece_model"}
+    # Weights only: not the fp8 scales / markers / `.comfy_quant` blobs, nor the tokenizer a ComfyUI file carries.
+    extras = (fp8.COMFY_QUANT, SPIECE_KEY)
+    weights = {k: t for k, t in text_encoder.items() if t.shape and "scale" not in k and not k.endswith(extras)}
     return CheckpointInfo(
         files=files,
         dit_config=config,

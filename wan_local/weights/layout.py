@@ -6,7 +6,8 @@
   noise), `vae/`, `text_encoder/`, `tokenizer/`.
 - ComfyUI single files, flat or in `diffusion_models/`, `text_encoders/`, `vae/` sub-folders; recognised by the
   tensor names in their headers. Their high/low-noise experts are told apart by "high"/"low" in the file name,
-  as the published files are named.
+  as the published files are named. The tokenizer travels inside the text-encoder file (`spiece_model`); a
+  tokenizer folder next to the files is used when there is one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from wan_local.errors import CheckpointError
 from wan_local.specs import TaskSpec
+from wan_local.weights.tokenizer_source import carries_tokenizer
 
 HIGH, LOW, SINGLE = "high_noise", "low_noise", "model"
 
@@ -34,13 +36,14 @@ _HOW_TO_GET = {
 
 @dataclass(frozen=True)
 class CheckpointSet:
-    """Where each component of one task lives. `dit` maps HIGH/LOW (two experts) or SINGLE to a folder or file."""
+    """Where each component of one task lives. `dit` maps HIGH/LOW (two experts) or SINGLE to a folder or file.
+    `tokenizer` is the tokenizer folder, None when the text-encoder file carries the tokenizer (ComfyUI)."""
 
     format: str
     dit: dict[str, Path]
     vae: Path
     text_encoder: Path
-    tokenizer: Path
+    tokenizer: Path | None
 
 
 def find_checkpoints(ckpt_dir: Path, spec: TaskSpec) -> CheckpointSet:
@@ -171,9 +174,10 @@ def _comfyui(root: Path, spec: TaskSpec) -> CheckpointSet:
     if text_encoder is None:
         missing.append("the UMT5-XXL text encoder (.safetensors)")
     tokenizer = _tokenizer_dir(root)
-    if tokenizer is None:
+    if tokenizer is None and text_encoder is not None and not carries_tokenizer(text_encoder):
         missing.append(
-            "a tokenizer folder (ComfyUI files carry none: copy google/umt5-xxl/ from the official repository)"
+            f"a tokenizer: {text_encoder.name} carries none (no spiece_model) and there is no google/umt5-xxl/ "
+            "folder (Comfy-Org's umt5_xxl_fp16 / umt5_xxl_fp8_e4m3fn_scaled files carry it)"
         )
     if missing:
         if not files:

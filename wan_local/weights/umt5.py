@@ -4,9 +4,9 @@ Three sources end up as one transformers ``UMT5EncoderModel`` state dict (names 
 
 - the official ``models_t5_umt5-xxl-enc-bf16.pth`` (official names, §4.2) → ``official_umt5_to_transformers``;
 - a diffusers ``text_encoder`` folder (transformers names already);
-- a ComfyUI ``umt5_xxl_*.safetensors`` (transformers names, maybe under a prefix such as
-  ``text_encoders.umt5.transformer.``, maybe "fp8_scaled": float8 Linear weights with a per-layer scale)
-  → ``normalize_transformers_umt5``.
+- a ComfyUI ``umt5_xxl_*.safetensors`` (bare transformers names, or under a bundle prefix such as
+  ``text_encoders.umt5.transformer.``; fp16, or "fp8_scaled": float8 Linear weights with a per-layer scale; the
+  tokenizer as ``spiece_model``, which is not a weight and is skipped here) → ``normalize_transformers_umt5``.
 
 ``prepare_umt5_state_dict`` does detection, mapping, config derivation and the key check in one call.
 No file is read here: callers load the tensors (memory-mapped) and pass the file name for messages.
@@ -24,6 +24,7 @@ import torch
 
 from wan_local.errors import CheckpointError
 from wan_local.weights.fp8 import FP8_DTYPES, dequantize_state_dict
+from wan_local.weights.tokenizer_source import SPIECE_KEY
 
 if TYPE_CHECKING:
     from transformers import UMT5Config
@@ -262,14 +263,16 @@ def normalize_transformers_umt5(
     - dequantises float8 weights: ``W = float(W_fp8) × scale`` with the scale from ``<layer>.scale_weight`` or
       ``<layer>.weight_scale`` (scale 1 when a float8 weight has none); result in ``dtype``, by default the
       dtype of the (never quantised) embedding, or bfloat16;
-    - drops format markers (``scaled_fp8``, ``.comfy_quant``) and activation scales (``.scale_input``,
-      ``.input_scale``: they only matter for fp8 matmuls, and the weights are dequantised here);
+    - drops format markers (``scaled_fp8``, ``.comfy_quant`` once its format is checked) and activation scales
+      (``.scale_input``, ``.input_scale``: they only matter for fp8 matmuls, and the weights are dequantised here);
+    - skips the tokenizer the file carries (``spiece_model``);
     - keeps only ``shared.weight`` of the tied embedding pair (taken from ``encoder.embed_tokens.weight`` if
       that is the only one stored).
     Unquantised tensors are passed through without a copy.
     """
     prefix = _find_prefix(sd, source)
-    bare = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    # The tokenizer a ComfyUI file carries (`spiece_model`, spec §3.3) is read by wan_local.weights.tokenizer_source.
+    bare = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix) and k[len(prefix) :] != SPIECE_KEY}
     if prefix:
         logger.debug("%s: UMT5 keys under prefix %r (%d of %d keys)", _where(source), prefix, len(bare), len(sd))
 

@@ -86,9 +86,10 @@ def scaled_fp8_state_dict(sd: Mapping[str, torch.Tensor], source: str = "checkpo
     """ComfyUI / diffusers scaled-fp8 state dict (official names) -> ours, fp8 weights kept as they are.
 
     `.scale_weight` / `.weight_scale` become `.scale` (float32, per layer or per row); the `scaled_fp8` marker,
-    activation scales and `.comfy_quant` blobs are dropped; an fp8 weight without a scale gets scale 1. fp8 tensors
-    outside the block Linears are dequantized to float32.
+    activation scales and `.comfy_quant` blobs (their float8 format checked) are dropped; an fp8 weight without a
+    scale gets scale 1. fp8 tensors outside the block Linears are dequantized to float32.
     """
+    fp8.check_comfy_quant(sd, source)
     scales = {k.rsplit(".", 1)[0]: v for k, v in sd.items() if k.endswith(fp8.SCALE_SUFFIXES)}
     out: StateDict = {}
     for key, value in sd.items():

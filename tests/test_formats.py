@@ -20,6 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfy_files import (
+    FP8_DIT_LINEAR,
+    official_dit_sd,
+    umt5_to_transformers,
+    write_comfy_dit,
+    write_comfy_text_encoder,
+    write_comfy_vae,
+)
 from conftest import rel_l2
 from safetensors.torch import load_file, save_file
 
@@ -39,31 +47,19 @@ DIFFUSERS_DIT_TOL = 1e-5
 # 1.4e-7 / 1.5e-6 (wan2.2) with 0.42.1: float32 rounding through ~20 stacked convolutions. A wrong key or layout
 # gives O(1), so 2e-5 (4x the largest measured) holds for any diffusers release the test extra admits.
 DIFFUSERS_VAE_TOL = 2e-5
-# DiT file with every block Linear weight in float8_e4m3fn (per-layer scale = absmax / 448), other tensors fp32:
+# DiT file with every block Linear weight in float8_e4m3fn (per-layer scale = absmax / 448), other tensors fp16:
 # rel. L2 to the golden dit_t2v output measured 1.2e-2 (e4m3 keeps 3 mantissa bits: up to 6 % per weight).
 FP8_GOLDEN_TOL = 3e-2
-# The same file with every tensor rounded to bfloat16 (fp32 golden): measured 2.7e-3.
-BF16_GOLDEN_TOL = 1e-2
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# fp16 file of the fixture's float32 t2v DiT (every weight rounded to 11 significant bits): measured 3.6e-4.
+FP16_GOLDEN_TOL = 2e-3
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = Path("google") / "umt5-xxl"
-COMFY_DIT_PREFIX = "model.diffusion_model."
-COMFY_T5_PREFIX = "text_encoders.umt5.transformer."
+BUNDLE_T5_PREFIX = "text_encoders.umt5.transformer."
 DIT_STEM = "diffusion_pytorch_model"
-FP8_LINEAR = re.compile(r"blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]\.weight|blocks\.\d+\.ffn\.[02]\.weight")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def _official_dit_sd(folder: Path) -> dict[str, torch.Tensor]:
-    """Tensors of an official DiT folder as stored (one file or the shards of the index)."""
-    index = folder / f"{DIT_STEM}.safetensors.index.json"
-    if not index.is_file():
-        return load_file(str(folder / f"{DIT_STEM}.safetensors"))
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}
 
 
 # official -> diffusers DiT names, fact sheet §3.2 table (first match wins).
@@ -97,34 +93,6 @@ def _dit_to_diffusers_key(key: str) -> str:
         if n:
             return new
     return key  # patch_embedding.*
-
-
-# official -> transformers UMT5EncoderModel names, fact sheet §4.3 table.
-_UMT5_BLOCK = {
-    "norm1.weight": "layer.0.layer_norm.weight",
-    "attn.q.weight": "layer.0.SelfAttention.q.weight",
-    "attn.k.weight": "layer.0.SelfAttention.k.weight",
-    "attn.v.weight": "layer.0.SelfAttention.v.weight",
-    "attn.o.weight": "layer.0.SelfAttention.o.weight",
-    "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
-    "norm2.weight": "layer.1.layer_norm.weight",
-    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
-    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
-    "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
-}
-
-
-def _umt5_to_transformers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in sd.items():
-        if key == "token_embedding.weight":
-            out["shared.weight"] = value
-        elif key == "norm.weight":
-            out["encoder.final_layer_norm.weight"] = value
-        else:
-            i, rest = re.fullmatch(r"blocks\.(\d+)\.(.+)", key).groups()
-            out[f"encoder.block.{i}.{_UMT5_BLOCK[rest]}"] = value
-    return out
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
@@ -306,7 +274,7 @@ def _diffusers_transformer_config(folder: Path) -> dict:
 def _write_diffusers_transformer(src: Path, dst: Path, shards: int) -> None:
     dst.mkdir(parents=True)
     (dst / "config.json").write_text(json.dumps(_diffusers_transformer_config(src), indent=2))
-    sd = {_dit_to_diffusers_key(k): v for k, v in _official_dit_sd(src).items()}
+    sd = {_dit_to_diffusers_key(k): v for k, v in official_dit_sd(src).items()}
     if shards == 1:
         save_file(sd, str(dst / f"{DIT_STEM}.safetensors"))
     else:
@@ -346,7 +314,7 @@ def diffusers_folder(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     vae_ref.save_config(root / "vae")
 
     # text_encoder/: a real transformers UMT5EncoderModel save (its strict load also checks the §4.3 map).
-    t5_sd = _umt5_to_transformers(torch.load(src / T5_FILE, map_location="cpu", weights_only=True))
+    t5_sd = umt5_to_transformers(torch.load(src / T5_FILE, map_location="cpu", weights_only=True))
     layers = 1 + max(int(k.split(".")[2]) for k in t5_sd if k.startswith("encoder.block."))
     buckets, heads = t5_sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
     inner, d_model = t5_sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape
@@ -398,7 +366,7 @@ def test_diffusers_folder_layout_and_golden(diffusers_folder: Path, tiny: Path, 
     assert err <= GOLDEN_TOL
 
     low = load_dit(found.dit[LOW], expected_model_type="t2v")
-    official_low = _official_dit_sd(tiny / "t2v-A14B" / "low_noise_model")
+    official_low = official_dit_sd(tiny / "t2v-A14B" / "low_noise_model")
     loaded_low = low.state_dict()
     assert loaded_low.keys() == official_low.keys()
     assert all(torch.equal(loaded_low[k], official_low[k].float()) for k in official_low)
@@ -415,74 +383,27 @@ def test_diffusers_folder_layout_and_golden(diffusers_folder: Path, tiny: Path, 
 
 
 # -------------------------------------------------------------------------------------------------- ComfyUI
-
-
-def _comfy_dit_file(
-    path: Path, official: Path, dtype: torch.dtype | None = None, fp8_scaled: bool = False
-) -> dict[str, torch.Tensor]:
-    """Write an official DiT folder as a ComfyUI single file; return the official-named tensors it encodes.
-
-    dtype: cast every floating tensor (None keeps the stored dtype). fp8_scaled: block Linear weights become
-    float8_e4m3fn with a float32 0-dim `scale_weight` (absmax / 448) each, plus a `scaled_fp8` marker (§3.3);
-    the returned dict then holds the dequantised weights float(W_fp8) * scale.
-    """
-    sd = _official_dit_sd(official)
-    if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
-    stored: dict[str, torch.Tensor] = {}
-    effective: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if fp8_scaled and FP8_LINEAR.fullmatch(key):
-            w = value.float()
-            scale = (w.abs().max() / FP8_MAX).reshape(())
-            w8 = (w / scale).to(torch.float8_e4m3fn)
-            stored[key] = w8
-            stored[key.removesuffix(".weight") + ".scale_weight"] = scale
-            effective[key] = w8.float() * scale
-        else:
-            stored[key] = value
-            effective[key] = value.float()
-    if fp8_scaled:
-        stored["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    config = json.loads((official / "config.json").read_text())  # single files carry no config.json
-    save_file(
-        {COMFY_DIT_PREFIX + k: v.contiguous() for k, v in stored.items()},
-        str(path),
-        metadata={"config": json.dumps(config)},
-    )
-    return effective
-
-
-def _comfy_t5_file(path: Path, tiny: Path) -> None:
-    sd = _umt5_to_transformers(torch.load(tiny / "t2v-A14B" / T5_FILE, map_location="cpu", weights_only=True))
-    save_file({COMFY_T5_PREFIX + k: v for k, v in sd.items()}, str(path))
-
-
-def _comfy_vae_file(path: Path, official: Path, prefix: str = "") -> None:
-    sd = torch.load(official, map_location="cpu", weights_only=True)
-    save_file({prefix + k: v for k, v in sd.items()}, str(path))
+# The files are written by tests/comfy_files.py, keyed as Comfy-Org's repackaged files (spec §3.3).
 
 
 @pytest.fixture(scope="module")
 def comfy_folder(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ComfyUI models folder: diffusion_models/ (t2v high + low, and an i2v decoy), vae/, text_encoders/, plus the
-    tokenizer folder copied from the official repository."""
+    """ComfyUI models folder: diffusion_models/ (t2v high + low, and an i2v decoy), vae/ (both VAEs),
+    text_encoders/ (carrying its tokenizer); no tokenizer folder, as in a ComfyUI install."""
     root = tmp_path_factory.mktemp("comfyui")
-    for sub in ("diffusion_models", "vae", "text_encoders"):
-        (root / sub).mkdir()
     dm = root / "diffusion_models"
-    _comfy_dit_file(dm / "wan2.2_t2v_high_noise_14B_fp16.safetensors", tiny / "t2v-A14B" / "high_noise_model")
-    _comfy_dit_file(dm / "wan2.2_t2v_low_noise_14B_fp16.safetensors", tiny / "t2v-A14B" / "low_noise_model")
-    _comfy_dit_file(dm / "wan2.2_i2v_high_noise_14B_fp16.safetensors", tiny / "i2v-A14B" / "high_noise_model")
-    _comfy_vae_file(root / "vae" / "wan_2.1_vae.safetensors", tiny / "t2v-A14B" / "Wan2.1_VAE.pth")
-    _comfy_vae_file(root / "vae" / "wan2.2_vae.safetensors", tiny / "ti2v-5B" / "Wan2.2_VAE.pth")
-    _comfy_t5_file(root / "text_encoders" / "umt5_xxl_fp16.safetensors", tiny)
-    shutil.copytree(tiny / "t2v-A14B" / TOKENIZER_DIR, root / TOKENIZER_DIR)
+    write_comfy_dit(dm / "wan2.2_t2v_high_noise_14B_fp16.safetensors", tiny / "t2v-A14B" / "high_noise_model")
+    write_comfy_dit(dm / "wan2.2_t2v_low_noise_14B_fp16.safetensors", tiny / "t2v-A14B" / "low_noise_model")
+    write_comfy_dit(dm / "wan2.2_i2v_high_noise_14B_fp16.safetensors", tiny / "i2v-A14B" / "high_noise_model")
+    write_comfy_vae(root / "vae" / "wan_2.1_vae.safetensors", tiny / "t2v-A14B" / "Wan2.1_VAE.pth")
+    write_comfy_vae(root / "vae" / "wan2.2_vae.safetensors", tiny / "ti2v-5B" / "Wan2.2_VAE.pth")
+    write_comfy_text_encoder(root / "text_encoders" / "umt5_xxl_fp16.safetensors", tiny)
     return root
 
 
 def test_comfyui_folder_layout(comfy_folder: Path) -> None:
-    """find_checkpoints finds the ComfyUI files: experts by file name, the VAE of the task by latent width."""
+    """find_checkpoints finds the ComfyUI files: experts by file name, the VAE of the task by latent width, the
+    tokenizer inside the text encoder (no folder)."""
     found = find_checkpoints(comfy_folder, get_task("t2v-A14B"))
     dm = comfy_folder / "diffusion_models"
     assert found.format == "comfyui"
@@ -492,72 +413,78 @@ def test_comfyui_folder_layout(comfy_folder: Path) -> None:
     }
     assert found.vae == comfy_folder / "vae" / "wan_2.1_vae.safetensors"
     assert found.text_encoder == comfy_folder / "text_encoders" / "umt5_xxl_fp16.safetensors"
-    assert found.tokenizer == comfy_folder / TOKENIZER_DIR
+    assert found.tokenizer is None
 
 
 def test_comfyui_folder_loads_to_golden(comfy_folder: Path, tiny: Path, golden) -> None:
+    """fp16 files load to exactly the fp16-rounded weights; the golden outputs are met within that rounding."""
     found = find_checkpoints(comfy_folder, get_task("t2v-A14B"))
     high = load_dit(found.dit[HIGH], expected_model_type="t2v")
     assert high.cfg.num_heads == 2  # from the config in the file's metadata (dim // 128 would be 0)
     err = _golden_dit_error(high, golden)
-    print(f"ComfyUI fp32 DiT: dit_t2v rel_l2 = {err:.3e}")
-    assert err <= GOLDEN_TOL
+    print(f"ComfyUI fp16 DiT: dit_t2v rel_l2 = {err:.3e}")
+    assert err <= FP16_GOLDEN_TOL
 
     low = load_dit(found.dit[LOW], expected_model_type="t2v").state_dict()
-    official_low = _official_dit_sd(tiny / "t2v-A14B" / "low_noise_model")
-    assert all(torch.equal(low[k], official_low[k].float()) for k in official_low)
+    official_low = official_dit_sd(tiny / "t2v-A14B" / "low_noise_model")
+    assert all(torch.equal(low[k], official_low[k].half().float()) for k in official_low)
 
     err = _golden_vae21_error(load_vae(found.vae, "wan2.1"), golden)
     print(f"ComfyUI VAE: vae21_decode rel_l2 = {err:.3e}")
     assert err <= GOLDEN_TOL
 
     err = _golden_context_error(load_text_encoder(found.text_encoder, dtype=torch.float32), golden)
-    print(f"ComfyUI UMT5 (prefixed): context_prompt rel_l2 = {err:.3e}")
-    assert err <= GOLDEN_TOL
+    print(f"ComfyUI UMT5 fp16: context_prompt rel_l2 = {err:.3e}")
+    assert err <= GOLDEN_TOL  # the bf16 fixture is exact in fp16
 
 
-def test_comfyui_bf16_dit(tiny: Path, tmp_path: Path, golden) -> None:
-    """bf16 single files: the i2v expert (stored bf16 in the fixture too) reproduces dit_i2v; a t2v expert
-    rounded to bf16 loads to exactly the rounded weights."""
-    path = tmp_path / "wan2.2_i2v_low_noise_14B_bf16.safetensors"
-    _comfy_dit_file(path, tiny / "i2v-A14B" / "low_noise_model")
+def test_comfyui_fp16_dit(tiny: Path, tmp_path: Path, golden) -> None:
+    """The i2v expert (stored bf16 in the fixture, so exact in fp16) reproduces dit_i2v."""
+    path = tmp_path / "wan2.2_i2v_low_noise_14B_fp16.safetensors"
+    written = write_comfy_dit(path, tiny / "i2v-A14B" / "low_noise_model")
     model = load_dit(path, expected_model_type="i2v")
+    loaded = model.state_dict()
+    assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], written[k]) for k in written)
     g = golden("dit_i2v")
     with torch.inference_mode():
         out = model(g["x"][None], g["t"], [g["context"]], y=g["y"][None])
     err = rel_l2(out[0], g["out"])
-    print(f"ComfyUI bf16 i2v DiT: dit_i2v rel_l2 = {err:.3e}")
+    print(f"ComfyUI fp16 i2v DiT: dit_i2v rel_l2 = {err:.3e}")
     assert err <= GOLDEN_TOL
-
-    path = tmp_path / "wan2.2_t2v_high_noise_14B_bf16.safetensors"
-    rounded = _comfy_dit_file(path, tiny / "t2v-A14B" / "high_noise_model", dtype=torch.bfloat16)
-    model = load_dit(path, expected_model_type="t2v")
-    loaded = model.state_dict()
-    assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], rounded[k]) for k in rounded)
-    err = _golden_dit_error(model, golden)
-    print(f"ComfyUI bf16-rounded t2v DiT: dit_t2v rel_l2 = {err:.3e}")
-    assert err <= BF16_GOLDEN_TOL
 
 
 def test_comfyui_fp8_scaled_dit(tiny: Path, tmp_path: Path, golden) -> None:
     """fp8_scaled: every block Linear weight is dequantised to float(W_fp8) * scale_weight; the output stays
     within the e4m3 quantisation error of the golden one."""
     path = tmp_path / "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
-    dequantised = _comfy_dit_file(path, tiny / "t2v-A14B" / "high_noise_model", fp8_scaled=True)
+    dequantised = write_comfy_dit(path, tiny / "t2v-A14B" / "high_noise_model", "fp8_scaled")
     model = load_dit(path, expected_model_type="t2v")
     loaded = model.state_dict()
     assert loaded.keys() == dequantised.keys()
     assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], dequantised[k]) for k in dequantised)
-    assert sum(bool(FP8_LINEAR.fullmatch(k)) for k in loaded) == 2 * 10  # 2 layers x (4 + 4 + 2) Linears
+    assert sum(bool(FP8_DIT_LINEAR.fullmatch(k)) for k in loaded) == 2 * 10  # 2 layers x (4 + 4 + 2) Linears
     err = _golden_dit_error(model, golden)
     print(f"ComfyUI fp8_scaled DiT: dit_t2v rel_l2 = {err:.3e}")
     assert 0 < err <= FP8_GOLDEN_TOL
 
 
+def test_comfyui_bundle_text_encoder(tiny: Path, tmp_path: Path, golden) -> None:
+    """An all-in-one bundle: the encoder under `text_encoders.umt5.transformer.` next to another model's keys."""
+    official = torch.load(tiny / "t2v-A14B" / T5_FILE, map_location="cpu", weights_only=True)
+    bundle = {BUNDLE_T5_PREFIX + k: v for k, v in umt5_to_transformers(official).items()}
+    bundle["model.diffusion_model.blocks.0.self_attn.q.weight"] = torch.zeros(4, 4)
+    save_file(bundle, str(tmp_path / "bundle.safetensors"))
+    err = _golden_context_error(load_text_encoder(tmp_path / "bundle.safetensors", dtype=torch.float32), golden)
+    print(f"ComfyUI bundle UMT5: context_prompt rel_l2 = {err:.3e}")
+    assert err <= GOLDEN_TOL
+
+
 @pytest.mark.parametrize("prefix", ["", "first_stage_model.", "vae."])
 def test_comfyui_vae_file(prefix: str, tiny: Path, tmp_path: Path, golden) -> None:
-    """A VAE single file with official names, bare or under a prefix."""
+    """A VAE single file with official names, bare (as written by the builder) or under a bundle prefix."""
     path = tmp_path / "wan_2.1_vae.safetensors"
-    _comfy_vae_file(path, tiny / "t2v-A14B" / "Wan2.1_VAE.pth", prefix)
+    write_comfy_vae(path, tiny / "t2v-A14B" / "Wan2.1_VAE.pth")
+    if prefix:
+        save_file({prefix + k: v for k, v in load_file(str(path)).items()}, str(path))
     err = _golden_vae21_error(load_vae(path, "wan2.1"), golden)
     assert err <= GOLDEN_TOL

@@ -291,3 +291,18 @@ def test_unsupported_comfy_quant_format_is_named(tiny: Path, tmp_path: Path) -> 
     _rewrite(path, lambda sd: _newer_comfy_spelling(sd, "nvfp4"))
     with pytest.raises(CheckpointError, match=r"comfy_quant says the layer is stored as 'nvfp4'.*fp16 or fp8_scaled"):
         load_text_encoder(path, dtype=torch.float32)
+
+
+def test_resolver_counts_weights_only(tiny: Path, tmp_path: Path) -> None:
+    """The job resolver sizes UMT5 from its weights: not the tokenizer bytes, scales or `.comfy_quant` blobs."""
+    from wan_local.engine.resolve import read_checkpoint
+
+    root = write_comfy_folder(tmp_path / "models", tiny, "ti2v-5B", te="fp8_scaled")
+    path = root / "text_encoders" / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+    _rewrite(path, _newer_comfy_spelling)
+    weights = load_file(str(path))
+    info = read_checkpoint(root, get_task("ti2v-5B"))
+    expected = sum(v.numel() for k, v in weights.items() if k.endswith(".weight"))
+    assert info.text_encoder_params == expected
+    assert len(weights["spiece_model"]) > 0 and any(k.endswith(".comfy_quant") for k in weights)
+    assert info.text_encoder_embedding_params == weights["shared.weight"].numel()

@@ -6,8 +6,9 @@
   ModelProto as a 1-D uint8 tensor ``spiece_model`` (spec §3.3; a ComfyUI install has no tokenizer folder).
 
 Each text-encoder file type says how it carries a tokenizer through one entry of ``EMBEDDED_TOKENIZERS``
-(suffix -> reader); a reader returns the ModelProto bytes or None. A GGUF text encoder (llama.cpp
-``tokenizer.ggml.*`` key-values, spec §3.4) plugs in as one more entry that rebuilds the proto.
+(suffix -> ``EmbeddedTokenizer``: a header check and a reader of the ModelProto bytes). A GGUF text encoder
+(llama.cpp ``tokenizer.ggml.*`` key-values, spec §3.4) plugs in as one more entry whose reader rebuilds the proto;
+everything downstream (identity, comparison with a folder, tokenizing) works on the proto bytes.
 
 When a folder and an embedded tokenizer are both there, the folder is used (it is what the official code runs)
 and the two are compared on probe texts; a disagreement is logged as one warning naming both.
@@ -67,23 +68,32 @@ def read_safetensors_spiece(path: Path) -> bytes | None:
     return tensor.contiguous().numpy().tobytes()
 
 
-#: suffix of a text-encoder file -> reader of the tokenizer it carries (ModelProto bytes, or None).
-EMBEDDED_TOKENIZERS: dict[str, Callable[[Path], bytes | None]] = {
-    ".safetensors": read_safetensors_spiece,
-}
-#: suffix -> cheap check (headers only) that a file carries a tokenizer; a suffix without one reads the bytes.
-_CARRIES: dict[str, Callable[[Path], bool]] = {
-    ".safetensors": lambda path: safetensors_spiece_key(path) is not None,
+@dataclass(frozen=True)
+class EmbeddedTokenizer:
+    """How one type of text-encoder file carries its tokenizer.
+
+    what: how messages name it (e.g. "spiece_model"). carries: whether a file holds one, from its header only.
+    read: the sentencepiece ModelProto bytes it holds (None when it holds none).
+    """
+
+    what: str
+    carries: Callable[[Path], bool]
+    read: Callable[[Path], bytes | None]
+
+
+#: file suffix -> how that type of text-encoder file carries its tokenizer.
+EMBEDDED_TOKENIZERS: dict[str, EmbeddedTokenizer] = {
+    ".safetensors": EmbeddedTokenizer(
+        SPIECE_KEY, lambda path: safetensors_spiece_key(path) is not None, read_safetensors_spiece
+    ),
 }
 
 
 def carries_tokenizer(text_encoder: Path) -> bool:
     """Whether the text-encoder file holds its own tokenizer (ComfyUI ``spiece_model`` …)."""
     path = Path(text_encoder)
-    if not path.is_file() or path.suffix not in EMBEDDED_TOKENIZERS:
-        return False
-    check = _CARRIES.get(path.suffix)
-    return check(path) if check else EMBEDDED_TOKENIZERS[path.suffix](path) is not None
+    kind = EMBEDDED_TOKENIZERS.get(path.suffix)
+    return kind is not None and path.is_file() and kind.carries(path)
 
 
 def _folder_identity(folder: Path) -> str:
@@ -114,15 +124,18 @@ class TokenizerSource:
             raise CheckpointError("no tokenizer: neither a tokenizer folder nor a text encoder that carries one")
 
     def describe(self) -> str:
-        if self.folder is not None:
-            return str(self.folder)
-        return f"{self.embedded} ({SPIECE_KEY})"
+        """The folder, else the file and what in it holds the tokenizer."""
+        return str(self.folder) if self.folder is not None else self._embedded_name()
+
+    def _embedded_name(self) -> str:
+        assert self.embedded is not None
+        return f"{self.embedded} ({EMBEDDED_TOKENIZERS[self.embedded.suffix].what})"
 
     def _proto(self) -> bytes:
         assert self.embedded is not None
-        proto = EMBEDDED_TOKENIZERS[self.embedded.suffix](self.embedded)
+        proto = EMBEDDED_TOKENIZERS[self.embedded.suffix].read(self.embedded)
         if proto is None:
-            raise CheckpointError(f"{self.embedded} carries no tokenizer ({SPIECE_KEY})")
+            raise CheckpointError(f"{self._embedded_name()}: the file carries no tokenizer")
         return proto
 
     def identity(self) -> str:
@@ -139,7 +152,7 @@ class TokenizerSource:
             return PromptTokenizer.from_sentencepiece(self._proto(), self.describe())
         tokenizer = PromptTokenizer.from_dir(self.folder)
         if self.embedded is not None:
-            embedded = PromptTokenizer.from_sentencepiece(self._proto(), f"{self.embedded} ({SPIECE_KEY})")
+            embedded = PromptTokenizer.from_sentencepiece(self._proto(), self._embedded_name())
             text = first_disagreement(tokenizer, embedded)
             if text is not None:
                 log.warning(

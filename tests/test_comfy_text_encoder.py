@@ -29,9 +29,10 @@ from conftest import rel_l2
 from safetensors.torch import load_file, save_file
 
 from wan_local.errors import CheckpointError
-from wan_local.memory.quant.formats import scaled_fp8_state_dict
+from wan_local.memory.quant.formats import load_quantized_dit, scaled_fp8_state_dict
 from wan_local.prompt import PromptTokenizer, clean_prompt, proto_normalizer_flags
 from wan_local.specs import get_task
+from wan_local.weights.keymaps import strip_prefix
 from wan_local.weights.layout import find_checkpoints
 from wan_local.weights.loading import load_dit, load_text_encoder
 from wan_local.weights.tokenizer_source import TokenizerSource, tokenizer_source
@@ -261,7 +262,7 @@ def test_fp16_text_encoder_loads_exactly(comfy_te: Path, tiny: Path, golden) -> 
     assert rel_l2(out, g["context_prompt"]) <= 1e-5
 
 
-def test_fp8_dit_both_spellings(tiny: Path, tmp_path: Path) -> None:
+def test_fp8_dit_both_spellings(tiny: Path, tmp_path: Path, golden) -> None:
     """A DiT in legacy fp8_scaled and in newer ComfyUI's spelling (prefixed `.weight_scale` + `.comfy_quant`) loads
     to the same weights, dequantised (load_dit) or kept in fp8 (the quantized-DiT reader)."""
     legacy = tmp_path / "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
@@ -272,17 +273,24 @@ def test_fp8_dit_both_spellings(tiny: Path, tmp_path: Path) -> None:
     shutil.copy(legacy, newer)
     _rewrite(newer, _newer_comfy_spelling)
     assert any(k.startswith("model.diffusion_model.") and k.endswith(".comfy_quant") for k in load_file(str(newer)))
+    g = golden("dit_t2v")
     for path in (legacy, newer):
-        loaded = load_dit(path, expected_model_type="t2v").state_dict()
+        model = load_dit(path, expected_model_type="t2v")
+        loaded = model.state_dict()
         assert loaded.keys() == effective.keys()
         assert all(torch.equal(loaded[k], effective[k]) for k in effective), path
-        from wan_local.weights.keymaps import strip_prefix
 
         kept = scaled_fp8_state_dict(strip_prefix(load_file(str(path))), str(path))
         for key in (k for k in effective if FP8_DIT_LINEAR.fullmatch(k)):
             layer = key.removesuffix(".weight")
             assert kept[key].dtype == torch.float8_e4m3fn and kept[layer + ".scale"].dim() == 0
             assert torch.equal(kept[key].float() * kept[layer + ".scale"], effective[key])
+        # The quantized-DiT loader keeps the fp8 weights and computes the same forward.
+        quantized = load_quantized_dit(path, "fp8", dtype=torch.float32, expected_model_type="t2v")
+        with torch.inference_mode():
+            a = model(g["x"][None], g["t"], [g["context"]])
+            b = quantized(g["x"][None], g["t"], [g["context"]])
+        assert rel_l2(b, a) <= 1e-6, path
 
 
 def test_unsupported_comfy_quant_format_is_named(tiny: Path, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from test_formats import _comfy_dit_file, _comfy_vae_file, _official_dit_sd, _umt5_to_transformers
 
-from wan_local.errors import CheckpointError
+from wan_local.errors import CheckpointError, InputError
 from wan_local.specs import get_task
 from wan_local.weights.inventory import EXPERT, HIGH, INDEX, LOW, SINGLE, TEXT_ENCODER, TOKENIZER, VAE, scan_folder
 from wan_local.weights.layout import find_checkpoints
@@ -214,3 +214,38 @@ def test_an_expert_whose_name_says_neither_high_nor_low_is_explained(tiny: Path,
     assert [f.role for f in scan_folder(root)] == [EXPERT]
     with pytest.raises(CheckpointError, match="says neither high nor low noise in its name: rename it"):
         find_checkpoints(root, T2V)
+
+
+# ------------------------------------------------------------------------------------------------ the pick, end to end
+
+
+def test_the_pick_travels_from_the_settings_and_the_cli_to_the_resolved_job(comfy: Path, tmp_path: Path) -> None:
+    from wan_local.cli import build_parser
+    from wan_local.engine.request import JobSettings
+    from wan_local.engine.resolve import resolve_job
+    from wan_local.machine import GIB, MachineInfo
+    from wan_local.options import job_settings_from_args
+    from wan_local.settings import AppSettings, SettingsError, SettingsStore
+
+    fp8 = comfy / "diffusion_models" / "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
+    store = SettingsStore(tmp_path / "settings.json")
+    store.save(AppSettings(model_dirs={"t2v-A14B": str(comfy)}).with_model_file("t2v-A14B", HIGH, str(fp8)))
+    saved = SettingsStore(tmp_path / "settings.json").current  # read back from the file
+    assert saved.model_choice("t2v-A14B", comfy) == {HIGH: str(fp8)}
+    assert saved.model_choice("t2v-A14B", tmp_path / "elsewhere") == {}  # a pick for another folder does not apply
+    assert saved.with_model_file("t2v-A14B", HIGH, None).model_files == {}
+    with pytest.raises(SettingsError, match="unknown role 'transformer'"):
+        AppSettings(model_files={"t2v-A14B": {"transformer": str(fp8)}}).validate()
+
+    cpu = MachineInfo(None, 0, 0, None, 32 * GIB, 28 * GIB, 500 * GIB)
+    job = JobSettings(task="t2v-A14B", prompt="a fox", ckpt_dir=str(comfy), device="cpu", size=(64, 48), frames=5)
+    with pytest.raises(CheckpointError, match="2 candidates for the high-noise expert"):
+        resolve_job(job, machine=cpu)
+    picked = JobSettings.from_dict({**job.to_dict(), "files": saved.model_choice("t2v-A14B", comfy)})  # the queue
+    assert resolve_job(picked, machine=cpu).checkpoint.files.dit[HIGH] == fp8
+
+    argv = ["generate", "--task", "t2v-A14B", "--ckpt-dir", str(comfy), "--prompt", "a fox", "--file"]
+    args = build_parser().parse_args([*argv, f"high_noise={fp8}"])
+    assert job_settings_from_args(args).files == {HIGH: str(fp8)}
+    with pytest.raises(InputError, match="--file 'dit=x' must be ROLE=PATH"):
+        job_settings_from_args(build_parser().parse_args([*argv, "dit=x"]))

@@ -16,7 +16,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -56,8 +56,9 @@ class FolderStatus:
     message: str
 
 
-def folder_status(task: str, folder: Path | str | None) -> FolderStatus:
-    """Check `folder` for `task` with find_checkpoints; never raises for a missing or incomplete folder."""
+def folder_status(task: str, folder: Path | str | None, choice: Mapping[str, str] | None = None) -> FolderStatus:
+    """Check `folder` for `task` with find_checkpoints (choice: role -> picked file); never raises for a missing,
+    incomplete or ambiguous folder."""
     from wan_local.weights.layout import find_checkpoints
 
     spec = get_task(task)
@@ -68,7 +69,7 @@ def folder_status(task: str, folder: Path | str | None) -> FolderStatus:
         )
     path = Path(folder).expanduser()
     try:
-        found = find_checkpoints(path, spec)
+        found = find_checkpoints(path, spec, choice)
     except CheckpointError as exc:
         return FolderStatus(spec.name, str(path), False, None, str(exc))
     return FolderStatus(spec.name, str(path), True, found.format, f"Complete ({found.format} layout): {path}")

@@ -13,6 +13,7 @@ from test_variants import HubApi, HubDownload, hub  # noqa: F401
 
 from ui.generate import GenerateHandlers
 from ui.models import ModelsHandlers
+from ui.prediction import load_dit_config
 from wan_local.models_hub import DownloadManager, default_download_dir
 from wan_local.weights.inventory import HIGH, LOW, TEXT_ENCODER, VAE
 
@@ -77,6 +78,9 @@ def test_picking_among_candidates_is_saved_and_reaches_the_job(make_ctx, comfy):
     job = gen.job_settings(with_model_dir(ctx, t2v_form()))
     assert job.ckpt_dir == str(comfy) and job.files == {HIGH: fp8}
     assert gen.model_status("t2v-A14B", str(comfy)).startswith("✓")
+    # The estimate reads the picked expert's header too (without the pick the folder is ambiguous).
+    assert load_dit_config(str(comfy), "t2v-A14B") is None
+    assert load_dit_config(str(comfy), "t2v-A14B", job.files).model_type == "t2v"
 
 
 def test_variants_recommendation_and_quality(make_ctx):  # noqa: F811

@@ -276,3 +276,18 @@ def test_a_required_file_the_hub_does_not_list_is_named(hub: Path, tmp_path: Pat
         f"{COMFY_REPO} does not list split_files/diffusion_models/wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors"
     )
     assert get_task("i2v-A14B").two_experts
+
+
+def test_offline_says_how_to_get_the_files_elsewhere(monkeypatch, tmp_path: Path) -> None:
+    import huggingface_hub
+
+    from wan_local.models_hub import DownloadError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DownloadError) as info:
+        plan_variant(get_variant("ti2v-5B", "gguf-Q4_K_M"), tmp_path)  # the real HfApi, refused before any request
+    message = str(info.value)
+    assert message.startswith("Cannot download QuantStack GGUF Q4_K_M for ti2v-5B: offline mode is on")
+    assert "`hf download QuantStack/Wan2.2-TI2V-5B-GGUF Wan2.2-TI2V-5B-Q4_K_M.gguf` → diffusion_models/" in message
+    assert "`hf download Comfy-Org/Wan_2.2_ComfyUI_Repackaged split_files/vae/wan2.2_vae.safetensors` → vae/" in message

@@ -177,8 +177,8 @@ class GenerateHandlers:
             presets=self.ctx.presets,
             machine=self.ctx.machine_now(),
             estimator=self.ctx.estimator,
-            dit_config=load_dit_config(form.model_dir, spec.name),
-            components=load_components(form.model_dir, spec.name),
+            dit_config=load_dit_config(form.model_dir, spec.name, job.files),
+            components=load_components(form.model_dir, spec.name, job.files),
             job=job,
         )
 

@@ -58,14 +58,11 @@ def unreachable_variant_message(variant: Variant, exc: BaseException | None) -> 
         why = f"huggingface.co cannot be reached{detail}"
     known = variant.known_bytes()
     size = f" (about {_gb(known)}, size from the fact sheet, not listed now)" if known else ""
-    steps = "; ".join(
-        f"`hf download {f.repo_id} {f.path}` into {f.target.rsplit('/', 1)[0]}/"
-        for f in variant.files
-        if not f.optional
-    )
+    steps = "; ".join(f"`hf download {f.repo_id} {f.path}` → {f.target}" for f in variant.files if not f.optional)
     return (
-        f"Cannot download {variant.label} for {variant.task}{size}: {why}. On a computer with internet: {steps}; copy "
-        "that folder here and choose it with 'Use this folder', or press Download again later (it resumes)."
+        f"Cannot download {variant.label} for {variant.task}{size}: {why}. On a computer with internet fetch each file "
+        f"and put it where the arrow says, in one folder: {steps}; copy that folder here and choose it with 'Use this "
+        "folder', or press Download again later (it resumes)."
     )
 
 

@@ -115,7 +115,7 @@ def _gb(n_bytes: float) -> str:
     return f"{n_bytes / 1e9:.1f} GB"
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
+def network_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "the Hub cannot be reached" for the installed huggingface_hub (httpx, httpx2 or
     requests underneath, depending on its version)."""
     from huggingface_hub import errors
@@ -130,7 +130,7 @@ def _network_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def _offline_enabled() -> bool:
+def offline_enabled() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
@@ -140,7 +140,7 @@ def unreachable_message(task: str, target: Path | str | None, exc: BaseException
     """What to tell a user whose download cannot reach the Hub: why, what the folder lacks, and how to get it."""
     spec = get_task(task)
     repo = OFFICIAL_REPOS[spec.name]
-    if _offline_enabled():
+    if offline_enabled():
         why = "offline mode is on (HF_HUB_OFFLINE=1; unset it to allow downloads)"
     else:
         detail = f": {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}" if exc else ""
@@ -173,7 +173,7 @@ def repo_size(repo_id: str, api: Any = None, timeout_s: float = 20.0) -> RepoSiz
             files = {f.path: f.size for f in tree if getattr(f, "size", None) is not None and hasattr(f, "blob_id")}
     except errors.RepositoryNotFoundError as exc:
         raise DownloadError(f"{repo_id} is not a repository the Hub knows ({exc})") from exc
-    except _network_errors() as exc:
+    except network_errors() as exc:
         task = next((t for t, r in OFFICIAL_REPOS.items() if r == repo_id), None)
         if task is None:
             raise DownloadError(f"cannot list {repo_id}: {exc}") from exc
@@ -181,7 +181,7 @@ def repo_size(repo_id: str, api: Any = None, timeout_s: float = 20.0) -> RepoSiz
     return RepoSize(repo_id, {path: int(size) for path, size in files.items()})
 
 
-def _existing_ancestor(path: Path) -> Path:
+def existing_ancestor(path: Path) -> Path:
     path = path.expanduser().absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -231,7 +231,7 @@ def plan_download(
     size = repo_size(repo, api)
     present = present_bytes(target, size.files)
     needed = max(0, size.total_bytes - present)
-    where = _existing_ancestor(target)
+    where = existing_ancestor(target)
     free = disk_free(where) if disk_free is not None else shutil.disk_usage(where).free
     already = f"; {_gb(present)} already there" if present else ""
     if needed == 0:
@@ -400,7 +400,7 @@ class DownloadManager:
         except DownloadError as exc:
             self._set(task, state="failed", message=str(exc))
             return
-        except _network_errors() as exc:
+        except network_errors() as exc:
             self._set(task, state="failed", message=unreachable_variant_message(variant, exc))
             return
         except OSError as exc:  # disk full, permission denied
@@ -443,7 +443,7 @@ class DownloadManager:
                 from huggingface_hub import snapshot_download as download
             target.mkdir(parents=True, exist_ok=True)
             download(repo, local_dir=str(target))
-        except _network_errors() as exc:
+        except network_errors() as exc:
             log.warning("download of %s failed: %s", repo, exc)
             self._set(task, state="failed", message=unreachable_message(task, target, exc, plan.total_bytes))
             return
@@ -453,7 +453,7 @@ class DownloadManager:
         status = folder_status(task, target)
         if not status.complete:
             # snapshot_download returns an existing local_dir as is when the Hub cannot be reached.
-            if _offline_enabled():
+            if offline_enabled():
                 message = unreachable_message(task, target, None, plan.total_bytes)
             else:
                 message = (

@@ -26,16 +26,19 @@ from wan_local.models_hub import (
     DISK_MARGIN_BYTES,
     DownloadError,
     DownloadPlan,
-    _existing_ancestor,
-    _gb,
-    _network_errors,
-    _offline_enabled,
+    existing_ancestor,
+    network_errors,
+    offline_enabled,
     present_bytes,
 )
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 16 * 1024 * 1024
+
+
+def _gb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.1f} GB"
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class ListedFile:
 
 def unreachable_variant_message(variant: Variant, exc: BaseException | None) -> str:
     """Why the Hub cannot be asked, what the variant is, and how to fetch its files on another computer."""
-    if _offline_enabled():
+    if offline_enabled():
         why = "offline mode is on (HF_HUB_OFFLINE=1; unset it to allow downloads)"
     else:
         detail = f": {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}" if exc else ""
@@ -79,7 +82,7 @@ def list_variant(variant: Variant, api: Any = None, timeout_s: float = 20.0) -> 
     for repo_id, files in by_repo.items():
         try:
             infos = api.get_paths_info(repo_id, [f.path for f in files], expand=True)
-        except _network_errors() as exc:
+        except network_errors() as exc:
             raise DownloadError(unreachable_variant_message(variant, exc)) from exc
         known = {info.path: info for info in infos if getattr(info, "size", None) is not None}
         for f in files:
@@ -111,7 +114,7 @@ def plan_variant(
     total = sum(files.values())
     present = present_bytes(target, files)
     needed = max(0, total - present)
-    where = _existing_ancestor(target)
+    where = existing_ancestor(target)
     free = disk_free(where) if disk_free is not None else shutil.disk_usage(where).free
     name = f"{variant.label} for {variant.task}"
     already = f"; {_gb(present)} already there" if present else ""

@@ -196,7 +196,9 @@ def test_official_folder_missing_component(leave_out: str, reported: str, tiny: 
         lambda: find_checkpoints(root, get_task("t2v-A14B")), str(root), reported, "Wan-AI/Wan2.2-T2V-A14B"
     )
     present = {VAE21_FILE, T5_FILE, "low_noise_model/", "high_noise_model/"} - {reported}
-    assert not any(name in message for name in present), message
+    lacks, found = message.split(" Found: ")
+    assert not any(name in lacks for name in present), message
+    assert all(name in found for name in present), message  # what is there is said too
 
 
 def test_official_folder_missing_several(tiny: Path, tmp_path: Path) -> None:
@@ -242,7 +244,8 @@ def test_comfyui_folder_without_tokenizer(tiny: Path, tmp_path: Path) -> None:
     """ComfyUI files carry no tokenizer: the message says to copy google/umt5-xxl/ from the official repo."""
     root = _comfy_files(tiny, tmp_path / "comfy", "t2v")
     message = _raises(lambda: find_checkpoints(root, get_task("t2v-A14B")), str(root), "google/umt5-xxl")
-    assert "VAE" not in message and "DiT" not in message and "text encoder" not in message, message
+    lacks = message.split(" Found: ")[0]
+    assert "VAE" not in lacks and "DiT" not in lacks and "text encoder" not in lacks, message
 
 
 def test_comfyui_folder_without_t5_and_with_other_task(tiny: Path, tmp_path: Path) -> None:
@@ -256,7 +259,10 @@ def test_comfyui_folder_without_t5_and_with_other_task(tiny: Path, tmp_path: Pat
         "t2v DiT file for the low-noise expert",
         "UMT5-XXL text encoder",
     )
-    assert "VAE" not in message and "tokenizer" not in message, message
+    lacks, found = message.split(" Found: ")
+    assert "VAE" not in lacks and "tokenizer" not in lacks, message
+    # The i2v experts that were passed over are named, with the task they serve.
+    assert "wan2.2_i2v_high_noise_14B_fp16.safetensors is a DiT of i2v-A14B, not of t2v-A14B" in found
 
 
 def test_empty_folder(tmp_path: Path) -> None:

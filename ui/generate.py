@@ -67,13 +67,14 @@ class GenerateHandlers:
     def current_model_dir(self, task: str, shown: str | None) -> str:
         """The folder to show after the settings may have changed (Models / Settings tab, another browser tab):
         the settings' folder, unless the one shown is complete (the user may have typed it for this job)."""
-        if shown and folder_status(task, shown).complete:
+        if shown and folder_status(task, shown, self.ctx.settings.current.model_choice(task, shown)).complete:
             return shown
         return self.model_dir_for(task) or (shown or "")
 
     def model_status(self, task: str, folder: str) -> str:
         """The model folder line under the form."""
-        status = folder_status(task, folder)
+        choice = self.ctx.settings.current.model_choice(get_task(task).name, folder) if folder else {}
+        status = folder_status(task, folder, choice)
         return f"✓ {status.message}" if status.complete else f"✗ {status.message} (see the Models tab)"
 
     def preset_info(self, choice: str) -> str:
@@ -119,9 +120,11 @@ class GenerateHandlers:
         if image and not spec.accepts_image:
             image = None  # the field is hidden for text-to-video; a stale upload must not break the job
         device = self.ctx.settings.current.device
+        folder = str(Path(form.model_dir).expanduser()) if form.model_dir else ""
         return JobSettings(
             task=spec.name,
-            ckpt_dir=str(Path(form.model_dir).expanduser()) if form.model_dir else "",
+            ckpt_dir=folder,
+            files=self.ctx.settings.current.model_choice(spec.name, folder) if folder else {},
             prompt=form.prompt.strip(),
             negative_prompt=(form.negative_prompt or "").strip(),
             image=str(image) if image else None,
@@ -153,9 +156,11 @@ class GenerateHandlers:
         frames = resolve_frames(form, spec)
         steps = resolve_steps(form)
         device = self.ctx.settings.current.device
+        folder = str(Path(form.model_dir).expanduser()) if form.model_dir else ""
         job = JobSettings(
             task=spec.name,
-            ckpt_dir=str(Path(form.model_dir).expanduser()) if form.model_dir else "",
+            ckpt_dir=folder,
+            files=self.ctx.settings.current.model_choice(spec.name, folder) if folder else {},
             prompt="",
             size=size,
             frames=frames,
@@ -172,8 +177,8 @@ class GenerateHandlers:
             presets=self.ctx.presets,
             machine=self.ctx.machine_now(),
             estimator=self.ctx.estimator,
-            dit_config=load_dit_config(form.model_dir, spec.name),
-            components=load_components(form.model_dir, spec.name),
+            dit_config=load_dit_config(form.model_dir, spec.name, job.files),
+            components=load_components(form.model_dir, spec.name, job.files),
             job=job,
         )
 
@@ -191,7 +196,7 @@ class GenerateHandlers:
 
     def _checked(self, form: FormValues) -> tuple[JobSettings, Prediction]:
         settings = self.job_settings(form)
-        status = folder_status(settings.task, settings.ckpt_dir or None)
+        status = folder_status(settings.task, settings.ckpt_dir or None, settings.files)
         if not status.complete:
             raise InputError(f"{status.message} (see the Models tab)")
         pred = self.prediction(form)

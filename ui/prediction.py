@@ -68,27 +68,28 @@ def load_estimator() -> Estimator | None:
     return EngineEstimator()
 
 
-def load_dit_config(model_dir: str | Path | None, task: str) -> Any:
-    """The real DiT config of the checkpoint in `model_dir` (header reads only), or None when unavailable."""
+def load_dit_config(model_dir: str | Path | None, task: str, choice: Any = None) -> Any:
+    """The real DiT config of the checkpoint in `model_dir` (header reads only; choice: the picked files), or None
+    when unavailable."""
     if not model_dir:
         return None
     try:
         from wan_local.weights.headers import dit_config_for_checkpoint
 
-        return dit_config_for_checkpoint(model_dir, task)
+        return dit_config_for_checkpoint(model_dir, task, choice)
     except Exception as exc:  # optional refinement: the official config is used instead
         log.debug("no DiT config from %s: %s", model_dir, exc)
         return None
 
 
-def load_components(model_dir: str | Path | None, task: str) -> Any:
+def load_components(model_dir: str | Path | None, task: str, choice: Any = None) -> Any:
     """Text encoder / VAE sizes of the checkpoint in `model_dir`, or None (the official sizes are assumed)."""
     if not model_dir:
         return None
     try:
         from wan_local.weights.headers import component_bytes_for_checkpoint
 
-        return component_bytes_for_checkpoint(model_dir, task)
+        return component_bytes_for_checkpoint(model_dir, task, choice)
     except Exception as exc:  # optional refinement, like load_dit_config
         log.debug("no component sizes from %s: %s", model_dir, exc)
         return None

@@ -83,7 +83,8 @@ class QueueHandlers:
             size = s.size or spec.default_size
             est = self.ctx.estimator(
                 spec.name, size, s.frames or spec.frames, s.steps or spec.steps, preset.memory, self.ctx.machine,
-                load_dit_config(s.ckpt_dir, spec.name), components=load_components(s.ckpt_dir, spec.name),
+                load_dit_config(s.ckpt_dir, spec.name, s.files),
+                components=load_components(s.ckpt_dir, spec.name, s.files),
             )  # fmt: skip
         except Exception as exc:  # advisory only (a job that does not fit any more is the worker's to refuse)
             log.debug("no estimate for job %d: %s", job.id, exc)

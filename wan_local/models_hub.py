@@ -1,9 +1,11 @@
 """The Models tab's backend: where each task's checkpoint folder is, whether it is complete, and downloads.
 
 Completeness is `weights.layout.find_checkpoints` (any of the three layouts: official, diffusers, ComfyUI). A
-download fetches one official repository (`OFFICIAL_REPOS`) with `huggingface_hub.snapshot_download` into a
-folder: it resumes where an interrupted one stopped. Before any byte is fetched the repository's total size is
-listed (`repo_size`) and the free disk checked (`plan_download`), refusing with the numbers when it is short.
+download fetches one variant of `models_catalog`: the official repository (`OFFICIAL_REPOS`) with
+`huggingface_hub.snapshot_download`, or the single files of a repackaged / GGUF variant, hash-checked, with
+`variant_download`; both resume where an interrupted one stopped. Before any byte is fetched the total size is
+listed (`repo_size`, `variant_download.list_variant`) and the free disk checked (`plan_download`, `plan_variant`),
+refusing with the numbers when it is short.
 Downloads run in a background thread (`DownloadManager`) and report progress as bytes on disk, so the UI never
 waits on the network. Without internet (or with HF_HUB_OFFLINE=1) every error says what is missing and how to
 get it on another computer.
@@ -16,22 +18,18 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from wan_local.errors import CheckpointError, WanLocalError
 from wan_local.machine import GIB
+from wan_local.models_catalog import OFFICIAL_REPOS, get_variant
 from wan_local.specs import get_task
 
 log = logging.getLogger(__name__)
 
-OFFICIAL_REPOS: dict[str, str] = {
-    "t2v-A14B": "Wan-AI/Wan2.2-T2V-A14B",
-    "i2v-A14B": "Wan-AI/Wan2.2-I2V-A14B",
-    "ti2v-5B": "Wan-AI/Wan2.2-TI2V-5B",
-}
 #: Kept free on the target disk beyond the download itself (the OS, temporary files, videos).
 DISK_MARGIN_BYTES = 2 * GIB
 _HUB_CACHE = Path(".cache") / "huggingface"  # snapshot_download's bookkeeping inside the target folder
@@ -56,8 +54,9 @@ class FolderStatus:
     message: str
 
 
-def folder_status(task: str, folder: Path | str | None) -> FolderStatus:
-    """Check `folder` for `task` with find_checkpoints; never raises for a missing or incomplete folder."""
+def folder_status(task: str, folder: Path | str | None, choice: Mapping[str, str] | None = None) -> FolderStatus:
+    """Check `folder` for `task` with find_checkpoints (choice: role -> picked file); never raises for a missing,
+    incomplete or ambiguous folder."""
     from wan_local.weights.layout import find_checkpoints
 
     spec = get_task(task)
@@ -68,15 +67,16 @@ def folder_status(task: str, folder: Path | str | None) -> FolderStatus:
         )
     path = Path(folder).expanduser()
     try:
-        found = find_checkpoints(path, spec)
+        found = find_checkpoints(path, spec, choice)
     except CheckpointError as exc:
         return FolderStatus(spec.name, str(path), False, None, str(exc))
     return FolderStatus(spec.name, str(path), True, found.format, f"Complete ({found.format} layout): {path}")
 
 
-def default_download_dir(home: Path | str, task: str) -> Path:
-    """Where a download of `task` goes unless the user picks a folder: <home>/models/<repository name>."""
-    return Path(home) / "models" / OFFICIAL_REPOS[get_task(task).name].split("/", 1)[1]
+def default_download_dir(home: Path | str, task: str, variant: str = "official") -> Path:
+    """Where a download of `task` goes unless the user picks a folder: <home>/models/<repository name>, with the
+    variant's name appended for the non-official ones (e.g. Wan2.2-T2V-A14B-comfy-fp8_scaled)."""
+    return Path(home) / "models" / get_variant(get_task(task).name, variant).folder_name()
 
 
 # ---------------------------------------------------------------------------------------------------- sizes
@@ -115,7 +115,7 @@ def _gb(n_bytes: float) -> str:
     return f"{n_bytes / 1e9:.1f} GB"
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
+def network_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "the Hub cannot be reached" for the installed huggingface_hub (httpx, httpx2 or
     requests underneath, depending on its version)."""
     from huggingface_hub import errors
@@ -130,7 +130,7 @@ def _network_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def _offline_enabled() -> bool:
+def offline_enabled() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
@@ -140,7 +140,7 @@ def unreachable_message(task: str, target: Path | str | None, exc: BaseException
     """What to tell a user whose download cannot reach the Hub: why, what the folder lacks, and how to get it."""
     spec = get_task(task)
     repo = OFFICIAL_REPOS[spec.name]
-    if _offline_enabled():
+    if offline_enabled():
         why = "offline mode is on (HF_HUB_OFFLINE=1; unset it to allow downloads)"
     else:
         detail = f": {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}" if exc else ""
@@ -173,7 +173,7 @@ def repo_size(repo_id: str, api: Any = None, timeout_s: float = 20.0) -> RepoSiz
             files = {f.path: f.size for f in tree if getattr(f, "size", None) is not None and hasattr(f, "blob_id")}
     except errors.RepositoryNotFoundError as exc:
         raise DownloadError(f"{repo_id} is not a repository the Hub knows ({exc})") from exc
-    except _network_errors() as exc:
+    except network_errors() as exc:
         task = next((t for t, r in OFFICIAL_REPOS.items() if r == repo_id), None)
         if task is None:
             raise DownloadError(f"cannot list {repo_id}: {exc}") from exc
@@ -181,7 +181,7 @@ def repo_size(repo_id: str, api: Any = None, timeout_s: float = 20.0) -> RepoSiz
     return RepoSize(repo_id, {path: int(size) for path, size in files.items()})
 
 
-def _existing_ancestor(path: Path) -> Path:
+def existing_ancestor(path: Path) -> Path:
     path = path.expanduser().absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -231,7 +231,7 @@ def plan_download(
     size = repo_size(repo, api)
     present = present_bytes(target, size.files)
     needed = max(0, size.total_bytes - present)
-    where = _existing_ancestor(target)
+    where = existing_ancestor(target)
     free = disk_free(where) if disk_free is not None else shutil.disk_usage(where).free
     already = f"; {_gb(present)} already there" if present else ""
     if needed == 0:
@@ -267,6 +267,7 @@ class DownloadStatus:
     done_bytes: int = 0
     message: str = ""
     started_at: float | None = None
+    variant: str = "official"
 
     @property
     def active(self) -> bool:
@@ -292,9 +293,10 @@ Downloader = Callable[..., Any]
 class DownloadManager:
     """Runs at most one download per task, each in a daemon thread; `status(task)` is safe from any thread.
 
-    api: an HfApi-like object (model_info / list_repo_tree); downloader: snapshot_download-like callable; both
-    default to huggingface_hub's. on_done(task, folder) is called once a download finished and the folder is
-    complete (the UI saves it as the task's model folder).
+    api: an HfApi-like object (model_info / list_repo_tree / get_paths_info); downloader: snapshot_download-like
+    callable (the official repositories); file_downloader: hf_hub_download-like (the other variants); all default
+    to huggingface_hub's. on_done(task, folder) is called once a download finished and the folder is complete
+    (the UI saves it as the task's model folder, and the variant's files as its picks).
     """
 
     def __init__(
@@ -304,9 +306,11 @@ class DownloadManager:
         downloader: Downloader | None = None,
         disk_free: Callable[[Path], int] | None = None,
         on_done: Callable[[str, Path], None] | None = None,
+        file_downloader: Downloader | None = None,
     ) -> None:
         self._api = api
         self._downloader = downloader
+        self._file_downloader = file_downloader
         self._disk_free = disk_free
         self.on_done = on_done
         self._lock = threading.Lock()
@@ -330,18 +334,20 @@ class DownloadManager:
         """`status` of each task."""
         return [self.status(t) for t in tasks]
 
-    def start(self, task: str, target: Path | str) -> DownloadStatus:
-        """Start downloading `task`'s repository into `target` in the background (no-op if one is running)."""
+    def start(self, task: str, target: Path | str, variant: str = "official") -> DownloadStatus:
+        """Start downloading `variant` of `task` into `target` in the background (no-op if one is running)."""
         name = get_task(task).name
+        chosen = get_variant(name, variant)
         target = Path(target).expanduser()
         with self._lock:
             current = self._status.get(name)
             if current is not None and current.active:
                 return current
-            checking = f"Checking the size of {OFFICIAL_REPOS[name]}..."
-            status = DownloadStatus(name, "checking", str(target), message=checking)
+            checking = f"Checking the size of {chosen.label}..."
+            status = DownloadStatus(name, "checking", str(target), message=checking, variant=variant)
             self._status[name] = status
-            thread = threading.Thread(target=self._run, args=(name, target), name=f"download-{name}", daemon=True)
+            run = self._run if variant == "official" else self._run_variant
+            thread = threading.Thread(target=run, args=(name, target), name=f"download-{name}", daemon=True)
             self._threads[name] = thread
         thread.start()
         return status
@@ -363,6 +369,50 @@ class DownloadManager:
         except Exception as exc:  # a thread's error must reach the UI, not vanish with the thread
             log.exception("download of %s failed unexpectedly", task)
             self._set(task, state="failed", message=f"Downloading {OFFICIAL_REPOS[task]} failed: {exc}")
+
+    def _run_variant(self, task: str, target: Path) -> None:
+        variant = get_variant(task, self.status(task).variant)
+        try:
+            self._download_variant(task, target, variant)
+        except Exception as exc:  # a thread's error must reach the UI, not vanish with the thread
+            log.exception("download of %s failed unexpectedly", variant.label)
+            self._set(task, state="failed", message=f"Downloading {variant.label} failed: {exc}")
+
+    def _download_variant(self, task: str, target: Path, variant: Any) -> None:
+        from wan_local.variant_download import fetch_variant, plan_variant, unreachable_variant_message
+
+        try:
+            plan, listed = plan_variant(variant, target, api=self._api, disk_free=self._disk_free)
+        except DownloadError as exc:
+            self._set(task, state="failed", message=str(exc))
+            return
+        if not plan.ok:
+            self._set(task, state="refused", total_bytes=plan.total_bytes, message=plan.message)
+            return
+        with self._lock:
+            self._files[task] = plan.files
+        self._set(
+            task, state="downloading", total_bytes=plan.total_bytes, done_bytes=plan.present_bytes,
+            started_at=time.time(), message=plan.message,
+        )  # fmt: skip
+        try:
+            fetch_variant(listed, target, self._file_downloader, on_step=lambda line: self._set(task, message=line))
+        except DownloadError as exc:
+            self._set(task, state="failed", message=str(exc))
+            return
+        except network_errors() as exc:
+            self._set(task, state="failed", message=unreachable_variant_message(variant, exc))
+            return
+        except OSError as exc:  # disk full, permission denied
+            self._set(task, state="failed", message=f"Downloading {variant.label} into {target} failed: {exc}")
+            return
+        status = folder_status(task, target)
+        if not status.complete:
+            self._set(task, state="failed", message=f"{variant.label} was downloaded, but {status.message}")
+            return
+        self._set(task, state="done", done_bytes=plan.total_bytes, message=f"Downloaded {variant.label} into {target}.")
+        if self.on_done is not None:
+            self.on_done(task, target)
 
     def _download(self, task: str, target: Path) -> None:
         repo = OFFICIAL_REPOS[task]
@@ -393,7 +443,7 @@ class DownloadManager:
                 from huggingface_hub import snapshot_download as download
             target.mkdir(parents=True, exist_ok=True)
             download(repo, local_dir=str(target))
-        except _network_errors() as exc:
+        except network_errors() as exc:
             log.warning("download of %s failed: %s", repo, exc)
             self._set(task, state="failed", message=unreachable_message(task, target, exc, plan.total_bytes))
             return
@@ -403,7 +453,7 @@ class DownloadManager:
         status = folder_status(task, target)
         if not status.complete:
             # snapshot_download returns an existing local_dir as is when the Hub cannot be reached.
-            if _offline_enabled():
+            if offline_enabled():
                 message = unreachable_message(task, target, None, plan.total_bytes)
             else:
                 message = (

@@ -28,6 +28,14 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument("--task", required=True, choices=list(TASKS), help="which Wan2.2 task")
     p.add_argument("--ckpt-dir", required=True, type=Path, help="checkpoint folder (official, diffusers or ComfyUI)")
+    p.add_argument(
+        "--file",
+        action="append",
+        default=[],
+        metavar="ROLE=PATH",
+        help="where the folder holds several candidates, the file to use for ROLE (high_noise, low_noise, model, "
+        "text_encoder, vae); repeatable",
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="", help="empty: the official default negative prompt")
     p.add_argument("--image", type=Path, help="input image (i2v-A14B: required; ti2v-5B: image-to-video)")
@@ -109,6 +117,19 @@ _MEMORY_FLAGS = (
 )
 
 
+def parse_file_choices(items: list[str]) -> dict[str, str]:
+    """ "--file high_noise=a.safetensors" options -> {"high_noise": "<absolute path>"}; InputError for a bad one."""
+    from wan_local.weights.inventory import PICKABLE
+
+    choice: dict[str, str] = {}
+    for item in items or []:
+        role, sep, path = item.partition("=")
+        if not sep or role.strip() not in PICKABLE or not path.strip():
+            raise InputError(f"--file {item!r} must be ROLE=PATH with ROLE one of {', '.join(PICKABLE)}")
+        choice[role.strip()] = str(Path(path.strip()).expanduser().absolute())
+    return choice
+
+
 def memory_overrides(args: argparse.Namespace) -> dict[str, object]:
     """The memory flags the user actually gave (field -> value)."""
     return {name: getattr(args, name) for name in _MEMORY_FLAGS if getattr(args, name, None) is not None}
@@ -121,6 +142,7 @@ def job_settings_from_args(args: argparse.Namespace):
     return JobSettings(
         **generation_fields(args),
         ckpt_dir=str(args.ckpt_dir),
+        files=parse_file_choices(getattr(args, "file", [])),
         device=args.device,
         dtype=args.dtype,
         preset=getattr(args, "preset", None),

@@ -41,6 +41,9 @@ class AppSettings:
 
     output_dir: folder for new videos; None = `<home>/outputs` (the job store's folder).
     model_dirs: task name (a key of specs.TASKS) -> checkpoint folder of that task.
+    model_files: task name -> role (`weights.inventory.PICKABLE`: high_noise, low_noise, model, text_encoder, vae)
+        -> the file picked in the Models tab where the folder holds several candidates for that role. Jobs carry
+        the picks that lie inside their folder (`model_choice`) to find_checkpoints.
     device: "auto" (CUDA when available), "cuda" or "cpu"; jobs run on it (CPU jobs run in float32).
     port: 1-65535, the first port tried (the next free one is used when it is taken); takes effect on restart.
     listen: False = only this computer can open the app (127.0.0.1); True = the local network too (0.0.0.0).
@@ -48,6 +51,7 @@ class AppSettings:
 
     output_dir: str | None = None
     model_dirs: Mapping[str, str] = field(default_factory=dict)
+    model_files: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     device: str = "auto"
     port: int = DEFAULT_PORT
     listen: bool = False
@@ -67,6 +71,20 @@ class AppSettings:
                 raise SettingsError(f"model_dirs has unknown task {task!r}; tasks are {', '.join(TASKS)}")
             if not isinstance(folder, str) or not folder.strip():
                 raise SettingsError(f"model_dirs[{task!r}] = {folder!r} must be a folder path")
+        from wan_local.weights.inventory import PICKABLE
+
+        for task, picks in self.model_files.items():
+            if task not in TASKS:
+                raise SettingsError(f"model_files has unknown task {task!r}; tasks are {', '.join(TASKS)}")
+            if not isinstance(picks, Mapping):
+                raise SettingsError(f"model_files[{task!r}] must be an object of role -> file, got {picks!r}")
+            for role, path in picks.items():
+                if role not in PICKABLE:
+                    raise SettingsError(
+                        f"model_files[{task!r}] has unknown role {role!r}; roles are {', '.join(PICKABLE)}"
+                    )
+                if not isinstance(path, str) or not path.strip():
+                    raise SettingsError(f"model_files[{task!r}][{role!r}] = {path!r} must be a file path")
         return self
 
     def model_dir(self, task: str) -> str | None:
@@ -80,10 +98,32 @@ class AppSettings:
             dirs[task] = str(folder)
         return dataclasses.replace(self, model_dirs=dirs)
 
+    def model_choice(self, task: str, folder: str | Path | None = None) -> dict[str, str]:
+        """The files picked for `task` (role -> path); with `folder`, only those inside it (a pick made for another
+        folder does not apply)."""
+        picks = dict(self.model_files.get(task) or {})
+        if folder:
+            root = Path(folder).expanduser().absolute()
+            picks = {
+                role: path for role, path in picks.items() if Path(path).expanduser().absolute().is_relative_to(root)
+            }
+        return picks
+
+    def with_model_file(self, task: str, role: str, path: str | None) -> AppSettings:
+        """A copy with `path` picked as `task`'s file for `role` (None or "" removes the pick)."""
+        picks = {k: v for k, v in (self.model_files.get(task) or {}).items() if k != role}
+        if path:
+            picks[role] = str(path)
+        files = {k: dict(v) for k, v in self.model_files.items() if k != task}
+        if picks:
+            files[task] = picks
+        return dataclasses.replace(self, model_files=files)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         data = dataclasses.asdict(self)
         data["model_dirs"] = dict(self.model_dirs)
+        data["model_files"] = {task: dict(picks) for task, picks in self.model_files.items()}
         return data
 
     @classmethod
@@ -101,6 +141,10 @@ class AppSettings:
         if not isinstance(dirs, Mapping):
             raise SettingsError(f"{source}: model_dirs must be an object of task -> folder, got {dirs!r}")
         values["model_dirs"] = dict(dirs)
+        files = values.get("model_files") or {}
+        if not isinstance(files, Mapping):
+            raise SettingsError(f"{source}: model_files must be an object of task -> role -> file, got {files!r}")
+        values["model_files"] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in files.items()}
         try:
             return cls(**values).validate()
         except SettingsError as exc:

@@ -118,14 +118,16 @@ class JobSettings(GenerationSettings):
     default at run time.
 
     seed -1 asks for a random seed, which the store draws once on `add` (Job.resolved_seed) so a re-run after a
-    crash gives the same video. ckpt_dir: the checkpoint folder ("" for an estimate without one). image is the
-    store's own copy (image_source is where it came from). device None = cuda when available; dtype "bf16" or
-    "fp32" (None = bf16). preset names a memory preset resolved at run time; memory holds explicit MemoryOptions
-    overrides (field -> value). output None = <home>/outputs/<generated name>.mp4. force: run even when
-    admission refuses the job (an expert's override of the memory check).
+    crash gives the same video. ckpt_dir: the checkpoint folder ("" for an estimate without one); files: role ->
+    file where the folder holds several candidates (find_checkpoints' choice: the Models tab's pick, --file).
+    image is the store's own copy (image_source is where it came from). device None = cuda when available; dtype
+    "bf16" or "fp32" (None = bf16). preset names a memory preset resolved at run time; memory holds explicit
+    MemoryOptions overrides (field -> value). output None = <home>/outputs/<generated name>.mp4. force: run even
+    when admission refuses the job (an expert's override of the memory check).
     """
 
     ckpt_dir: str = ""
+    files: Mapping[str, str] = field(default_factory=dict)
     image_source: str | None = None
     device: str | None = None
     dtype: str | None = None
@@ -140,6 +142,7 @@ class JobSettings(GenerationSettings):
         data["size"] = list(self.size) if self.size else None
         data["guide_scale"] = list(self.guide_scale) if self.guide_scale else None
         data["memory"] = dict(self.memory)
+        data["files"] = dict(self.files)
         return data
 
     @classmethod
@@ -154,6 +157,7 @@ class JobSettings(GenerationSettings):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         values["memory"] = dict(values.get("memory") or {})
+        values["files"] = dict(values.get("files") or {})
         return cls(**values)
 
     def generation(self, seed: int) -> GenerationSettings:

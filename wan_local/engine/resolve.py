@@ -68,14 +68,15 @@ def _dtype_name(stored: str) -> str:
     return _DTYPE_NAMES.get(stored, stored)
 
 
-def read_checkpoint(ckpt_dir: Path | str, spec: TaskSpec) -> CheckpointInfo:
-    """Find `spec`'s files under `ckpt_dir` and read their headers (never tensor data); CheckpointError naming
-    the file for anything missing, unreadable or of the wrong task."""
+def read_checkpoint(ckpt_dir: Path | str, spec: TaskSpec, choice: Mapping[str, str] | None = None) -> CheckpointInfo:
+    """Find `spec`'s files under `ckpt_dir` (choice: role -> file where it holds several candidates) and read their
+    headers (never tensor data); CheckpointError naming the file for anything missing, unreadable or of the wrong
+    task."""
     from wan_local.weights import fp8, headers
     from wan_local.weights.layout import HIGH, SINGLE, find_checkpoints
     from wan_local.weights.tokenizer_source import SPIECE_KEY
 
-    files = find_checkpoints(Path(ckpt_dir), spec)
+    files = find_checkpoints(Path(ckpt_dir), spec, choice)
     dit = Path(files.dit[HIGH if spec.two_experts else SINGLE])
     config = headers.checked_dit_config(dit, spec)
     tensors = headers.dit_tensor_table(dit)
@@ -187,7 +188,7 @@ def resolve_job(
         requested = presets[job.preset]
     else:
         raise InputError(f"unknown preset {job.preset!r}; choose auto or one of {', '.join(presets)}")
-    checkpoint = read_checkpoint(job.ckpt_dir, spec) if job.ckpt_dir else None
+    checkpoint = read_checkpoint(job.ckpt_dir, spec, job.files) if job.ckpt_dir else None
     resolved = ResolvedJob(
         job=job,
         settings=settings,

@@ -37,7 +37,8 @@ class Pipelines:
 
         from wan_local.pipeline import WanPipeline
 
-        key = (str(Path(job.job.ckpt_dir).resolve()), job.spec.name, job.device, job.dtype, memory)
+        files = repr(job.checkpoint.files) if job.checkpoint is not None else ""  # another pick: another pipeline
+        key = (str(Path(job.job.ckpt_dir).resolve()), files, job.spec.name, job.device, job.dtype, memory)
         pipeline = self._pipelines.pop(key, None)
         if pipeline is None:
             dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[job.dtype]

@@ -106,16 +106,16 @@ def checked_dit_config(path: Path, spec: Any) -> DiTConfig:
     return cfg
 
 
-def dit_config_for_checkpoint(ckpt_dir: Path | str, task: str) -> DiTConfig:
+def dit_config_for_checkpoint(ckpt_dir: Path | str, task: str, choice: Any = None) -> DiTConfig:
     """The real DiT config of the checkpoint of `task` under `ckpt_dir` (any of the three layouts).
 
     Reads config.json and safetensors headers only, never tensor data. For A14B the high-noise expert is read
-    (both experts have the same shapes).
+    (both experts have the same shapes). choice: find_checkpoints' role -> file picks.
     """
     from wan_local.weights.layout import HIGH, SINGLE, find_checkpoints
 
     spec = get_task(task)
-    files = find_checkpoints(Path(ckpt_dir), spec)
+    files = find_checkpoints(Path(ckpt_dir), spec, choice)
     return checked_dit_config(files.dit[HIGH if spec.two_experts else SINGLE], spec)
 
 
@@ -131,9 +131,10 @@ def param_count(path: Path) -> int:
     return sum(info.numel for info in tensor_table(path).values())
 
 
-def component_bytes_for_checkpoint(ckpt_dir: Path | str, task: str) -> ComponentBytes:
-    """ComponentBytes of the checkpoint of `task` under `ckpt_dir`, so estimates fit the files really used."""
+def component_bytes_for_checkpoint(ckpt_dir: Path | str, task: str, choice: Any = None) -> ComponentBytes:
+    """ComponentBytes of the checkpoint of `task` under `ckpt_dir` (choice: find_checkpoints' picks), so estimates
+    fit the files really used."""
     from wan_local.weights.layout import find_checkpoints
 
-    files = find_checkpoints(Path(ckpt_dir), get_task(task))
+    files = find_checkpoints(Path(ckpt_dir), get_task(task), choice)
     return ComponentBytes(param_count(files.text_encoder) * BF16_BYTES, param_count(files.vae) * 4)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +47,24 @@ class CheckpointSet:
     tokenizer: Path | None
 
 
-def find_checkpoints(ckpt_dir: Path, spec: TaskSpec) -> CheckpointSet:
-    """Locate every file `spec` needs under `ckpt_dir`; raise a CheckpointError listing what is missing."""
+def find_checkpoints(ckpt_dir: Path, spec: TaskSpec, choice: Mapping[str, str | Path] | None = None) -> CheckpointSet:
+    """Locate every file `spec` needs under `ckpt_dir`; raise a CheckpointError saying what was found and what is
+    missing. choice: role -> file (`weights.inventory.PICKABLE` roles) where the folder holds several candidates;
+    a role with several candidates and no choice is refused with the candidates listed (`weights.choice`)."""
+    from wan_local.weights import choice as choosing
+    from wan_local.weights.inventory import scan_folder
+
     root = Path(ckpt_dir).expanduser()
     if not root.is_dir():
         raise CheckpointError(f"checkpoint folder {root} does not exist")
+    found = scan_folder(root)
+    picks = choosing.resolve_picks(root, spec, found, choice)
+    result = choosing.apply_picks(_detect(root, spec), picks)
+    choosing.check_components(root, spec, result, found)
+    return result
+
+
+def _detect(root: Path, spec: TaskSpec) -> CheckpointSet:
     experts = (root / "high_noise_model").is_dir() or (root / "low_noise_model").is_dir()
     official_files = any((root / name).is_file() for name in (_OFFICIAL_T5, *_OFFICIAL_VAE.values()))
     if (root / "model_index.json").is_file() and (root / "transformer").is_dir() and not experts:
@@ -62,10 +76,15 @@ def find_checkpoints(ckpt_dir: Path, spec: TaskSpec) -> CheckpointSet:
     return _comfyui(root, spec)
 
 
-def _missing(root: Path, spec: TaskSpec, what: list[str]) -> CheckpointError:
+def _missing(root: Path, spec: TaskSpec, what: list[str], layout: str | None = None) -> CheckpointError:
+    from wan_local.weights.choice import found_summary
+    from wan_local.weights.inventory import scan_folder
+
     repo = _HOW_TO_GET[spec.name]
+    seen = f" ({layout} layout)" if layout else ""
     return CheckpointError(
-        f"{root} lacks what {spec.name} needs: {'; '.join(what)}. "
+        f"{root}{seen} lacks what {spec.name} needs: {'; '.join(what)}. "
+        f"{found_summary(root, scan_folder(root), spec, layout)} "
         f"Download the complete {repo} repository (or its -Diffusers version) into that folder."
     )
 
@@ -107,7 +126,7 @@ def _official(root: Path, spec: TaskSpec) -> CheckpointSet:
     if tokenizer is None:
         missing.append("google/umt5-xxl/ (tokenizer)")
     if missing:
-        raise _missing(root, spec, missing)
+        raise _missing(root, spec, missing, "official")
     return CheckpointSet("official", dit, vae, text_encoder, tokenizer)
 
 
@@ -124,7 +143,7 @@ def _diffusers(root: Path, spec: TaskSpec) -> CheckpointSet:
     if tokenizer is None:
         missing.append("tokenizer/")
     if missing:
-        raise _missing(root, spec, missing)
+        raise _missing(root, spec, missing, "diffusers")
     return CheckpointSet("diffusers", dit, root / "vae", root / "text_encoder", tokenizer)
 
 

@@ -1,0 +1,251 @@
+"""GGUF files: the container reader, dequantization of every GGML format, and the DiT's tensor table and bytes.
+
+Independent references: gguf-py (the GGUF project's own Python package) writes the files and decodes the blocks;
+the shapes of a real A14B expert come from the fact sheet (§2.8, §3.4), not from our byte accounting.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf_files import official_dit_sd, quantize_q4_k, quantize_q6_k, write_gguf_dit, write_gguf_header_only
+
+from wan_local.errors import CheckpointError
+from wan_local.memory.bytes import model_bytes_from_tensors
+from wan_local.specs import get_task
+from wan_local.weights.gguf.quants import GGML_BY_NAME, dequantize
+from wan_local.weights.gguf.reader import read_gguf
+from wan_local.weights.headers import checked_dit_config, dit_tensor_table, read_dit_config
+from wan_local.weights.loading import dit_config_from_official
+
+# Offsets of the fp16 fields of each block (d, dmin, m): random bytes there could be inf / NaN.
+FP16_FIELDS = {
+    "Q4_0": (0,),
+    "Q4_1": (0, 2),
+    "Q5_0": (0,),
+    "Q5_1": (0, 2),
+    "Q8_0": (0,),
+    "Q2_K": (80, 82),
+    "Q3_K": (108,),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208,),
+}
+
+
+def _random_blocks(name: str, n_blocks: int, seed: int) -> np.ndarray:
+    """Random bytes for `n_blocks` blocks of `name`, with finite fp16 scale fields."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(n_blocks, GGML_BY_NAME[name].type_size), dtype=np.uint8)
+    for offset in FP16_FIELDS[name]:
+        blocks[:, offset : offset + 2] = rng.normal(size=(n_blocks, 1)).astype(np.float16).view(np.uint8)
+    return blocks
+
+
+@pytest.mark.parametrize("name", sorted(FP16_FIELDS))
+def test_dequantize_matches_gguf_py(name: str) -> None:
+    """Every block format decodes bit for bit as gguf-py's numpy reference (float32), cast once to bf16."""
+    ggml = GGML_BY_NAME[name]
+    n_blocks = (3 * gguf.quants.QK_K) // ggml.block_size * 5 + 1  # not a multiple of any chunk or row
+    blocks = _random_blocks(name, n_blocks, seed=ggml.type_id)
+    expected = torch.from_numpy(gguf.quants.dequantize(blocks, Q[name]).reshape(-1))
+    shape = (n_blocks, ggml.block_size)
+    ours = dequantize(torch.from_numpy(blocks), ggml, shape, torch.float32)
+    assert torch.equal(ours.reshape(-1), expected)
+    as_bf16 = dequantize(torch.from_numpy(blocks), ggml, shape, torch.bfloat16)
+    assert torch.equal(as_bf16.reshape(-1), expected.bfloat16())
+
+
+def test_dequantize_in_chunks_and_dense_types(monkeypatch) -> None:
+    """Chunked decoding writes every block once; F32 / F16 / BF16 are reinterpreted as gguf-py reads them."""
+    from wan_local.weights.gguf import quants
+
+    blocks = _random_blocks("Q6_K", 7, seed=1)
+    whole = dequantize(torch.from_numpy(blocks), GGML_BY_NAME["Q6_K"], (7, 256), torch.float32)
+    monkeypatch.setattr(quants, "CHUNK_VALUES", 512)  # 2 blocks per step, the last step short
+    assert torch.equal(dequantize(torch.from_numpy(blocks), GGML_BY_NAME["Q6_K"], (7, 256), torch.float32), whole)
+
+    values = np.random.default_rng(2).normal(size=(5, 6)).astype(np.float32)
+    for name, raw in (
+        ("F32", values.view(np.uint8)),
+        ("F16", values.astype(np.float16).view(np.uint8)),
+        ("BF16", gguf.quants.quantize(values, Q.BF16)),
+    ):
+        expected = gguf.quants.dequantize(raw.reshape(5, -1), Q[name]).astype(np.float32)
+        ours = dequantize(torch.from_numpy(raw.reshape(-1).copy()), GGML_BY_NAME[name], (5, 6), torch.float32)
+        assert torch.equal(ours, torch.from_numpy(expected)), name
+
+
+@pytest.mark.parametrize(("encode", "qtype", "bound"), [(quantize_q4_k, Q.Q4_K, 0.1), (quantize_q6_k, Q.Q6_K, 0.03)])
+def test_test_k_quant_encoders_decode_with_gguf_py(encode, qtype, bound) -> None:
+    """The test helpers' Q4_K / Q6_K encoders write blocks gguf-py decodes to the input within 4-/6-bit error."""
+    x = (np.random.default_rng(3).normal(size=8 * 256) * 0.05).astype(np.float32)
+    x[:256] = 0.0  # an all-zero super-block stays zero
+    decoded = gguf.quants.dequantize(encode(x), qtype).reshape(-1)
+    assert np.all(decoded[:256] == 0)
+    rel = np.linalg.norm(decoded - x) / np.linalg.norm(x)
+    print(f"{qtype.name} test encoder: rel. L2 {rel:.4f}")
+    assert 0 < rel <= bound
+
+
+def test_reader_reads_what_gguf_py_writes(tmp_path: Path) -> None:
+    """Key-values of every type (arrays included), a non-default alignment and tensor bytes, as gguf-py wrote them."""
+    path = tmp_path / "kv.gguf"
+    writer = gguf.GGUFWriter(str(path), "wan")
+    writer.add_custom_alignment(64)
+    writer.add_uint8("t.u8", 200)
+    writer.add_int16("t.i16", -300)
+    writer.add_uint32("t.u32", 4_000_000_000)
+    writer.add_int64("t.i64", -(2**40))
+    writer.add_float32("t.f32", 0.5)
+    writer.add_float64("t.f64", 1e-300)
+    writer.add_bool("t.bool", True)
+    writer.add_string("t.str", "Wan2.2 ✓")
+    writer.add_array("t.ints", [3, 1, 4])
+    writer.add_array("t.strs", ["a", "bc"])
+    values = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    q8 = gguf.quants.quantize(np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32), Q.Q8_0)
+    writer.add_tensor("dense", values)
+    writer.add_tensor("q8", q8, raw_dtype=Q.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    gf = read_gguf(path)
+    kv = gf.kv
+    assert gf.version == 3 and gf.architecture == "wan" and kv["general.alignment"] == 64
+    assert (kv["t.u8"], kv["t.i16"], kv["t.u32"], kv["t.i64"]) == (200, -300, 4_000_000_000, -(2**40))
+    assert (kv["t.f32"], kv["t.f64"], kv["t.bool"], kv["t.str"]) == (0.5, 1e-300, True, "Wan2.2 ✓")
+    assert kv["t.ints"] == [3, 1, 4] and kv["t.strs"] == ["a", "bc"]
+    theirs = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    assert gf.data_offset % 64 == 0
+    for name, shape in (("dense", (2, 3, 4)), ("q8", (2, 32))):
+        info = gf.tensors[name]
+        assert info.shape == shape and info.offset == int(theirs[name].data_offset)
+        assert np.array_equal(gf.raw(name).numpy(), np.asarray(theirs[name].data).reshape(-1).view(np.uint8))
+    assert gf.tensors["q8"].ggml_type.name == "Q8_0" and gf.tensors["q8"].nbytes == 68
+
+
+def test_damaged_files_raise_one_clear_line(tmp_path: Path, tiny: Path) -> None:
+    good = tmp_path / "good.gguf"
+    write_gguf_dit(good, tiny / "t2v-A14B" / "low_noise_model", "Q8_0")
+    data = good.read_bytes()
+    cases = {
+        "empty.gguf": b"",
+        "magic.gguf": b"GGML" + data[4:],
+        "header.gguf": data[:200],  # cut inside the key-values
+        "data.gguf": data[:-100],  # the last tensor runs past the end
+        "version.gguf": data[:4] + (7).to_bytes(4, "little") + data[8:],
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError) as err:
+            read_gguf(tmp_path / name)
+        message = str(err.value)
+        print(message)
+        assert name in message and "\n" not in message
+
+
+def test_gguf_dit_table_config_and_shapes(tiny: Path, tmp_path: Path) -> None:
+    """A Q4_K_M file (ComfyUI prefix, reshaped K-quant rows): official names, original shapes, types as §3.4
+    describes, and the config from the `config` key; without it the config comes from the shapes."""
+    official = tiny / "i2v-A14B" / "high_noise_model"
+    path = tmp_path / "Wan2.2-I2V-A14B-HighNoise-Q4_K_M.gguf"
+    write_gguf_dit(path, official, "Q4_K_M", prefix="model.diffusion_model.")
+    source = official_dit_sd(official)
+    table = dit_tensor_table(path)
+    assert set(table) == set(source)
+    assert all(table[k].shape == tuple(v.shape) for k, v in source.items())
+    kinds = {t.dtype for t in table.values()}
+    assert kinds == {"Q4_K", "Q6_K", "F32", "BF16"}  # the i2v fixture is stored bf16
+    assert table["blocks.1.cross_attn.v.weight"].dtype == "Q6_K" and table["blocks.0.ffn.0.weight"].dtype == "Q4_K"
+    assert table["patch_embedding.weight"].dtype == "F32" and len(table["patch_embedding.weight"].shape) == 5
+    config = json.loads((official / "config.json").read_text())
+    assert read_dit_config(path) == dit_config_from_official(config, source)
+
+    # Without the key the heads are dim / 128, as for real files: 0 for the tiny dim 64, said in one line.
+    bare = tmp_path / "no-config-Q8_0.gguf"
+    write_gguf_dit(bare, official, "Q8_0", config=False)
+    with pytest.raises(CheckpointError, match="num_heads=0"):
+        checked_dit_config(bare, get_task("i2v-A14B"))
+
+
+def _a14b_i2v_q4_k_m_tensors() -> dict[str, tuple[tuple[int, ...], Q]]:
+    """Every tensor of a QuantStack I2V-A14B Q4_K_M expert: shapes of fact sheet §2.8, block Linears as §3.4 says
+    (Q4_K, `.v` and `ffn.2` Q6_K), `patch_embedding.weight` F32. Every other tensor is stored in 2 bytes per value
+    here: with that, the file has exactly the published size (9,651,728,896 B); with §3.4's F32 for the 1-D tensors
+    and modulation it would be 9,840,768 B (= 2 bytes x their 4,920,384 values) larger. Whether F16 or BF16 does not
+    change the size; BF16 is used."""
+    c, f = 5120, 13824
+    tensors: dict[str, tuple[tuple[int, ...], Q]] = {
+        "patch_embedding.weight": ((c, 36, 1, 2, 2), Q.F32),
+        "patch_embedding.bias": ((c,), Q.BF16),
+        "text_embedding.0.weight": ((c, 4096), Q.BF16),
+        "text_embedding.0.bias": ((c,), Q.BF16),
+        "text_embedding.2.weight": ((c, c), Q.BF16),
+        "text_embedding.2.bias": ((c,), Q.BF16),
+        "time_embedding.0.weight": ((c, 256), Q.BF16),
+        "time_embedding.0.bias": ((c,), Q.BF16),
+        "time_embedding.2.weight": ((c, c), Q.BF16),
+        "time_embedding.2.bias": ((c,), Q.BF16),
+        "time_projection.1.weight": ((6 * c, c), Q.BF16),
+        "time_projection.1.bias": ((6 * c,), Q.BF16),
+        "head.modulation": ((1, 2, c), Q.BF16),
+        "head.head.weight": ((64, c), Q.BF16),
+        "head.head.bias": ((64,), Q.BF16),
+    }
+    for i in range(40):
+        b = f"blocks.{i}."
+        t = {b + "modulation": ((1, 6, c), Q.BF16)}
+        t.update({b + "norm3.weight": ((c,), Q.BF16), b + "norm3.bias": ((c,), Q.BF16)})
+        for attn in ("self_attn", "cross_attn"):
+            for p in "qkvo":
+                t[f"{b}{attn}.{p}.weight"] = ((c, c), Q.Q6_K if p == "v" else Q.Q4_K)
+                t[f"{b}{attn}.{p}.bias"] = ((c,), Q.BF16)
+            t[f"{b}{attn}.norm_q.weight"] = ((c,), Q.BF16)
+            t[f"{b}{attn}.norm_k.weight"] = ((c,), Q.BF16)
+        t[b + "ffn.0.weight"] = ((f, c), Q.Q4_K)
+        t[b + "ffn.0.bias"] = ((f,), Q.BF16)
+        t[b + "ffn.2.weight"] = ((c, f), Q.Q6_K)
+        t[b + "ffn.2.bias"] = ((c,), Q.BF16)
+        tensors.update(t)
+    return tensors
+
+
+def test_real_a14b_q4_k_m_expert_is_counted_as_stored(tmp_path: Path) -> None:
+    """A header with a real I2V-A14B Q4_K_M expert's 1095 tensors (data section a sparse hole): the planner counts
+    its weights as stored (~9.65 GB), not as bf16 (28.6 GB); the header alone is read."""
+    tensors = _a14b_i2v_q4_k_m_tensors()
+    assert len(tensors) == 1095
+    assert sum(q == Q.Q4_K for _, q in tensors.values()) == 280 and sum(q == Q.Q6_K for _, q in tensors.values()) == 120
+    path = tmp_path / "Wan2.2-I2V-A14B-LowNoise-Q4_K_M.gguf"
+    size = write_gguf_header_only(path, tensors, "Q4_K_M")
+    print(f"I2V-A14B Q4_K_M expert written with these shapes: {size:,} bytes (QuantStack's: 9,651,728,896)")
+    assert size == 9_651_728_896
+
+    cfg = checked_dit_config(path, get_task("i2v-A14B"))  # no config key: inferred from the shapes
+    assert (cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.num_layers, cfg.in_dim, cfg.out_dim) == (
+        5120,
+        13824,
+        40,
+        40,
+        36,
+        16,
+    )
+    table = dit_tensor_table(path)
+    model = model_bytes_from_tensors(table, dense_bytes=2)
+    print(f"predicted weights {model.total_bytes:,} bytes, largest block {model.largest_block_bytes:,}")
+    assert model.quant == "as stored" and model.num_blocks == 40
+    # Everything is counted as stored but the 5-D F32 patch embedding, held in bf16 (1.5 MB less), and the header.
+    assert size - 2 * 2**20 < model.total_bytes < size
+    bf16 = model_bytes_from_tensors({k: type(v)(v.shape, "BF16") for k, v in table.items()}, dense_bytes=2)
+    assert model.total_bytes < 0.35 * bf16.total_bytes
+    # One Linear dequantized at a time: the largest (ffn, 5120 x 13824) in bf16, plus bounded temporaries.
+    assert model.dequant_scratch_bytes < 5120 * 13824 * 2 + 100 * 2**20

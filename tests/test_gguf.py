@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import rel_l2
 from gguf import GGMLQuantizationType as Q
 from gguf_files import official_dit_sd, quantize_q4_k, quantize_q6_k, write_gguf_dit, write_gguf_header_only
 
@@ -249,3 +250,37 @@ def test_real_a14b_q4_k_m_expert_is_counted_as_stored(tmp_path: Path) -> None:
     assert model.total_bytes < 0.35 * bf16.total_bytes
     # One Linear dequantized at a time: the largest (ffn, 5120 x 13824) in bf16, plus bounded temporaries.
     assert model.dequant_scratch_bytes < 5120 * 13824 * 2 + 100 * 2**20
+
+
+# One forward of the golden dit_t2v case (t2v-A14B high-noise expert) with GGUF weights, float32 compute.
+# Bounds: about twice the measured rel. L2 to the official output (Q8_0 2.5e-3, Q4_K_M 2.7e-2 with the test
+# encoders; fp8 per-layer scales give 1.2e-2, tests/test_formats.py).
+QUANT_GOLDEN_TOL = {"Q8_0": 5e-3, "Q4_K_M": 6e-2}
+
+
+@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_K_M"])
+def test_gguf_dit_forward_against_golden(ftype: str, tiny: Path, tmp_path: Path, golden) -> None:
+    """The packed DiT computes what nn.Linear computes with the offline-dequantized weights (gguf-py's values) and
+    differs from the official output only by the quantization; bf16 compute dequantizes straight to bf16."""
+    from wan_local.memory.quant.gguf import GGUFLinear, load_gguf_dit
+    from wan_local.models.dit import WanDiT
+
+    path = tmp_path / f"Wan2.2-T2V-A14B-HighNoise-{ftype}.gguf"
+    stored = write_gguf_dit(path, tiny / "t2v-A14B" / "high_noise_model", ftype)
+    model = load_gguf_dit(path, torch.float32, expected_model_type="t2v")
+    assert sum(isinstance(m, GGUFLinear) for m in model.modules()) == 2 * 10
+    reference = WanDiT(model.cfg)
+    reference.load_state_dict(stored)
+    g = golden("dit_t2v")
+    with torch.inference_mode():
+        out = model(g["x"][None], g["t"], [g["context"]])[0]
+        expected = reference.eval()(g["x"][None], g["t"], [g["context"]])[0]
+        with torch.autocast("cpu", torch.bfloat16):
+            layer = model.blocks[0].ffn[0]
+            x = torch.randn(5, layer.in_features)
+            w = stored["blocks.0.ffn.0.weight"].bfloat16()
+            assert torch.equal(layer(x), torch.nn.functional.linear(x.bfloat16(), w, layer.bias.bfloat16()))
+    assert rel_l2(out, expected) <= 1e-6
+    err = rel_l2(out, g["out"])
+    print(f"{ftype}: dit_t2v rel. L2 to the official output {err:.2e}")
+    assert 0 < err <= QUANT_GOLDEN_TOL[ftype]

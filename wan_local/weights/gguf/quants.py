@@ -29,21 +29,42 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()
 
 
+def _masked(b: torch.Tensor, shift: int, mask: int) -> torch.Tensor:
+    """(b >> shift) & mask for every byte of uint8 [n, w], computed on 8 bytes at a time (as int64 words: the
+    byte-wise mask drops what the shift carries across bytes or in from the sign)."""
+    if b.shape[-1] % 8:
+        return (b >> shift) & mask
+    flat = b.reshape(-1)
+    if flat.storage_offset() % 8:  # a one-row slice is contiguous at any byte offset
+        flat = flat.clone()
+    words = flat.view(torch.int64)
+    return ((words >> shift) & (mask * 0x0101010101010101)).view(torch.uint8).view(b.shape)
+
+
+def _or_shifted(low: torch.Tensor, high: torch.Tensor, shift: int) -> torch.Tensor:
+    """low | (high << shift) for uint8 tensors of one shape whose sums fit a byte, 8 bytes at a time."""
+    if low.numel() % 8:
+        return low | (high << shift)
+    words = low.reshape(-1).view(torch.int64) | (high.reshape(-1).view(torch.int64) << shift)
+    return words.view(torch.uint8).view(low.shape)
+
+
 def _nibbles(qs: torch.Tensor, groups: int, width: int) -> torch.Tensor:
     """uint8 [n, groups*width] -> [n, groups, 2, width]: low nibbles then high nibbles of each group."""
-    q = qs.reshape(qs.shape[0], groups, 1, width)
-    return torch.cat((q & 0x0F, q >> 4), dim=2)
+    shape = (qs.shape[0], groups, 1, width)
+    return torch.cat((_masked(qs, 0, 0x0F).view(shape), _masked(qs, 4, 0x0F).view(shape)), dim=2)
 
 
 def _bits(b: torch.Tensor, shifts: int, mask: int) -> torch.Tensor:
     """uint8 [n, g, w] -> [n, g, shifts, w]: (b >> (k * (8 // shifts))) & mask for k < shifts."""
-    step = 8 // shifts
-    return torch.stack([(b >> (k * step)) & mask for k in range(shifts)], dim=2)
+    step, flat = 8 // shifts, b.reshape(b.shape[0], -1)
+    return torch.stack([_masked(flat, k * step, mask).view(b.shape) for k in range(shifts)], dim=2)
 
 
 def _bit_planes(b: torch.Tensor, planes: int) -> torch.Tensor:
     """uint8 [n, g, w] -> [n, g, planes, w]: bit k of every byte for k < planes."""
-    return torch.stack([(b >> k) & 1 for k in range(planes)], dim=2)
+    flat = b.reshape(b.shape[0], -1)
+    return torch.stack([_masked(flat, k, 1).view(b.shape) for k in range(planes)], dim=2)
 
 
 def _u32_bits(qh: torch.Tensor) -> torch.Tensor:
@@ -63,37 +84,38 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------ block decoders
-# Each takes uint8 [n, type_size] and returns float32 [n, block_size].
+# Each takes uint8 [n, type_size] and returns float32 [n, block_size]; products and sums are rounded one at a time in
+# gguf-py's order (in place on the fresh float32 codes: no fused multiply-add, which would round differently).
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b[:, :2])
     q = _nibbles(b[:, 2:], 1, 16).reshape(b.shape[0], 32).to(torch.int8) - 8
-    return d * q.float()
+    return q.float().mul_(d)
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
     d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
     q = _nibbles(b[:, 4:], 1, 16).reshape(b.shape[0], 32).float()
-    return d * q + m
+    return q.mul_(d).add_(m)
 
 
 def _q5_0(b: torch.Tensor) -> torch.Tensor:
     d, qh = _f16(b[:, :2]), _u32_bits(b[:, 2:6])
     ql = _nibbles(b[:, 6:], 1, 16).reshape(b.shape[0], 32)
     q = (ql | (qh << 4)).to(torch.int8) - 16
-    return d * q.float()
+    return q.float().mul_(d)
 
 
 def _q5_1(b: torch.Tensor) -> torch.Tensor:
     d, m, qh = _f16(b[:, :2]), _f16(b[:, 2:4]), _u32_bits(b[:, 4:8])
     ql = _nibbles(b[:, 8:], 1, 16).reshape(b.shape[0], 32)
-    return d * (ql | (qh << 4)).float() + m
+    return (ql | (qh << 4)).float().mul_(d).add_(m)
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b[:, :2])
-    return b[:, 2:].contiguous().view(torch.int8).float() * d
+    return b[:, 2:].contiguous().view(torch.int8).float().mul_(d)
 
 
 def _q2_k(b: torch.Tensor) -> torch.Tensor:
@@ -103,7 +125,7 @@ def _q2_k(b: torch.Tensor) -> torch.Tensor:
     dl = (d * (scales & 0x0F).float()).reshape(n, 16, 1)
     ml = (dmin * (scales >> 4).float()).reshape(n, 16, 1)
     q = _bits(qs.reshape(n, 2, 32), 4, 3).reshape(n, 16, 16).float()
-    return (dl * q - ml).reshape(n, QK_K)
+    return q.mul_(dl).sub_(ml).reshape(n, QK_K)
 
 
 def _q3_k(b: torch.Tensor) -> torch.Tensor:
@@ -116,7 +138,7 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
     ql = _bits(qs.reshape(n, 2, 32), 4, 3).reshape(n, 16, 16)
     qh = _bit_planes(hmask.reshape(n, 1, 32), 8).reshape(n, 16, 16) ^ 1  # the offset applies where the bit is 0
     q = (ql.to(torch.int8) - (qh << 2).to(torch.int8)).float()
-    return (dl * q).reshape(n, QK_K)
+    return q.mul_(dl).reshape(n, QK_K)
 
 
 def _q4_k(b: torch.Tensor) -> torch.Tensor:
@@ -126,7 +148,7 @@ def _q4_k(b: torch.Tensor) -> torch.Tensor:
     dl = (d * sc).reshape(n, 8, 1)
     ml = (dmin * mn).reshape(n, 8, 1)
     q = _nibbles(b[:, 16:], 4, 32).reshape(n, 8, 32).float()
-    return (dl * q - ml).reshape(n, QK_K)
+    return q.mul_(dl).sub_(ml).reshape(n, QK_K)
 
 
 def _q5_k(b: torch.Tensor) -> torch.Tensor:
@@ -137,8 +159,8 @@ def _q5_k(b: torch.Tensor) -> torch.Tensor:
     ml = (dmin * mn).reshape(n, 8, 1)
     ql = _nibbles(b[:, 48:], 4, 32).reshape(n, 8, 32)
     qh = _bit_planes(b[:, 16:48].reshape(n, 1, 32), 8).reshape(n, 8, 32)
-    q = (ql | (qh << 4)).float()
-    return (dl * q - ml).reshape(n, QK_K)
+    q = _or_shifted(ql, qh, 4).float()
+    return q.mul_(dl).sub_(ml).reshape(n, QK_K)
 
 
 def _q6_k(b: torch.Tensor) -> torch.Tensor:
@@ -147,8 +169,8 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     dl = (d * scales.contiguous().view(torch.int8).float()).reshape(n, 16, 1)
     low = _nibbles(ql, 2, 64).reshape(n, 8, 32)
     high = _bits(qh.reshape(n, 2, 32), 4, 3).reshape(n, 8, 32)
-    q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
-    return (dl * q).reshape(n, QK_K)
+    q = _or_shifted(low, high, 4).reshape(n, 16, 16).float().sub_(32)  # codes 0..63 -> -32..31, exact
+    return q.mul_(dl).reshape(n, QK_K)
 
 
 _DECODERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -190,3 +190,52 @@ def write_gguf_header_only(path: Path, tensors: dict[str, tuple[tuple[int, ...],
     with path.open("r+b") as f:
         f.truncate(size)  # sparse: no data blocks are written
     return size
+
+
+# ------------------------------------------------------------------------------------------------ UMT5 files
+
+# official UMT5 names (§4.2) -> llama.cpp T5-encoder names (§3.4), as convert_hf_to_gguf.py writes them
+_LLAMA_T5_BLOCK = {
+    "attn.q.weight": "attn_q",
+    "attn.k.weight": "attn_k",
+    "attn.v.weight": "attn_v",
+    "attn.o.weight": "attn_o",
+    "pos_embedding.embedding.weight": "attn_rel_b",
+    "norm1.weight": "attn_norm",
+    "ffn.gate.0.weight": "ffn_gate",
+    "ffn.fc1.weight": "ffn_up",
+    "ffn.fc2.weight": "ffn_down",
+    "norm2.weight": "ffn_norm",
+}
+
+
+def write_gguf_umt5(path: Path, official_t5: Path, ftype: str = "Q8_0") -> dict[str, torch.Tensor]:
+    """The official UMT5 `.pth` as a city96-style `t5encoder` GGUF: llama.cpp names, 2-D weights in Q8_0 (the
+    embedding included), 1-D and small tensors F32. Returns {llama.cpp name: float32 values as stored}."""
+    if ftype != "Q8_0":
+        raise ValueError("only Q8_0 UMT5 files are written here")
+    writer = gguf.GGUFWriter(str(path), "t5encoder")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(FILE_TYPES[ftype])
+    stored = {}
+    for key, value in torch.load(official_t5, map_location="cpu", weights_only=True).items():
+        if key == "token_embedding.weight":
+            name = "token_embd.weight"
+        elif key == "norm.weight":
+            name = "enc.output_norm.weight"
+        else:
+            i, rest = re.fullmatch(r"blocks\.(\d+)\.(.+)", key).groups()
+            name = f"enc.blk.{i}.{_LLAMA_T5_BLOCK[rest]}.weight"
+        data = value.float().numpy()
+        if data.ndim == 2 and data.size > 1024 and data.shape[-1] % 32 == 0:
+            blocks = _ENCODERS[Q.Q8_0](data.reshape(-1)).reshape(data.shape[0], -1)
+            writer.add_tensor(name, blocks, raw_dtype=Q.Q8_0)
+            data = gguf.quants.dequantize(blocks, Q.Q8_0)
+        else:
+            writer.add_tensor(name, data)
+        stored[name] = torch.from_numpy(np.ascontiguousarray(data)).reshape(value.shape).float()
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return stored

@@ -7,6 +7,7 @@ the shapes of a real A14B expert come from the fact sheet (§2.8, §3.4), not fr
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import gguf
@@ -284,3 +285,40 @@ def test_gguf_dit_forward_against_golden(ftype: str, tiny: Path, tmp_path: Path,
     err = rel_l2(out, g["out"])
     print(f"{ftype}: dit_t2v rel. L2 to the official output {err:.2e}")
     assert 0 < err <= QUANT_GOLDEN_TOL[ftype]
+
+
+def test_gguf_umt5_encoder_loads_and_is_found(tiny: Path, tmp_path: Path, golden) -> None:
+    """A `t5encoder` GGUF (llama.cpp names, Q8_0) is found as the text encoder of a ComfyUI folder and encodes as
+    the same weights dequantized offline do; its error to the official encoder is the Q8_0 rounding."""
+    from comfy_files import write_comfy_vae
+    from gguf_files import write_gguf_umt5
+    from safetensors.torch import save_file
+
+    from wan_local.weights.gguf.umt5 import transformers_name
+    from wan_local.weights.layout import find_checkpoints
+    from wan_local.weights.loading import load_text_encoder
+
+    root = tmp_path / "models"
+    path = root / "text_encoders" / "umt5-xxl-encoder-Q8_0.gguf"
+    path.parent.mkdir(parents=True)
+    stored = write_gguf_umt5(path, tiny / "t2v-A14B" / "models_t5_umt5-xxl-enc-bf16.pth")
+    offline = tmp_path / "umt5_offline.safetensors"
+    save_file({transformers_name(k): v for k, v in stored.items()}, str(offline))
+    (root / "diffusion_models").mkdir()
+    write_gguf_dit(root / "diffusion_models" / "Wan2.2-TI2V-5B-Q8_0.gguf", tiny / "ti2v-5B", "Q8_0")
+    write_comfy_vae(root / "vae" / "wan2.2_vae.safetensors", tiny / "ti2v-5B" / "Wan2.2_VAE.pth")
+    shutil.copytree(tiny / "ti2v-5B" / "google", root / "google")  # GGUF tokenizer key-values are not read yet
+    found = find_checkpoints(root, get_task("ti2v-5B"))
+    assert found.text_encoder == path
+
+    g = golden("t2v_a14b_unipc")
+    ids, mask = g["prompt_ids"][None], g["prompt_mask"][None]
+    contexts = []
+    for source in (path, offline):
+        encoder = load_text_encoder(source, dtype=torch.float32)
+        with torch.inference_mode():
+            contexts.append(encoder.encode(ids, mask)[0])
+    assert rel_l2(contexts[0], contexts[1]) <= 1e-6
+    err = rel_l2(contexts[0], g["context_prompt"])
+    print(f"Q8_0 UMT5: context rel. L2 to the official encoder {err:.2e}")
+    assert 0 < err <= 2e-2

@@ -140,11 +140,7 @@ class ExpertSlots:
 
     def _load(self, path: Path) -> WanDiT:
         quant = self._memory.quant
-        if Path(path).suffix == ".gguf":  # kept in its own quantization, whatever `quant` says
-            from wan_local.memory.quant.gguf import load_gguf_dit
-
-            return load_gguf_dit(path, self._dtype, expected_model_type=self._model_type)
-        if quant != "none" or is_prequantized(path):
+        if (quant != "none" and Path(path).suffix != ".gguf") or is_prequantized(path):
             from wan_local.memory.quant.cache import QuantCache
             from wan_local.memory.quant.formats import load_quantized_dit
 
@@ -158,7 +154,7 @@ class ExpertSlots:
                 expected_model_type=self._model_type,
                 compute=self._memory.quant_compute,
             )
-        else:
+        else:  # GGUF files too: kept in their own quantization, whatever `quant` says
             model = load_dit(path, dtype=self._dtype, expected_model_type=self._model_type)
         return model
 

@@ -22,6 +22,7 @@ import torch
 
 from wan_local.errors import CheckpointError
 from wan_local.weights import keymaps
+from wan_local.weights.gguf import umt5
 from wan_local.weights.gguf.quants import DENSE
 from wan_local.weights.gguf.reader import GGUFFile, read_gguf
 from wan_local.weights.gguf.types import GGMLType
@@ -56,6 +57,8 @@ def _shapes_and_names(gf: GGUFFile) -> dict[str, tuple[str, tuple[int, ...]]]:
                     f"{gf.path}: {ORIG_SHAPE_KEY}{name} = {list(shape)} does not fit the {info.numel} values stored"
                 )
         shapes[name] = shape
+    if gf.architecture == umt5.ARCHITECTURE:  # a UMT5 encoder: transformers' names, as its loader uses them
+        return {name: (stored, shapes[stored]) for stored, name in umt5.transformers_names(gf).items()}
     renamed = keymaps.strip_prefix({name: name for name in shapes})  # type: ignore[arg-type]
     return {official: (stored, shapes[stored]) for official, stored in renamed.items()}  # type: ignore[misc]
 
@@ -68,7 +71,8 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 
 def gguf_tensor_table(gf: GGUFFile) -> dict[str, TensorInfo]:
-    """{official name: TensorInfo(torch shape, GGML type name)} of a parsed GGUF DiT (header only)."""
+    """{official name: TensorInfo(torch shape, GGML type name)} of a parsed GGUF file (header only): a DiT's
+    official names, or a UMT5 encoder's transformers names."""
     return {
         official: TensorInfo(shape, gf.tensors[stored].ggml_type.name)
         for official, (stored, shape) in _shapes_and_names(gf).items()

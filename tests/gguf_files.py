@@ -209,14 +209,88 @@ _LLAMA_T5_BLOCK = {
 }
 
 
-def write_gguf_umt5(path: Path, official_t5: Path, ftype: str = "Q8_0") -> dict[str, torch.Tensor]:
+def _proto_fields(buf: bytes) -> list[tuple[int, int | bytes]]:
+    """(field number, value) of one protobuf message: varints as ints, length-delimited fields as bytes."""
+    out, pos = [], 0
+
+    def varint() -> int:
+        nonlocal pos
+        n = shift = 0
+        while True:
+            byte = buf[pos]
+            pos += 1
+            n |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return n
+
+    while pos < len(buf):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            out.append((number, varint()))
+        elif wire == 2:
+            size = varint()
+            out.append((number, buf[pos : pos + size]))
+            pos += size
+        else:
+            size = {1: 8, 5: 4}[wire]
+            out.append((number, buf[pos : pos + size]))
+            pos += size
+    return out
+
+
+def add_llama_t5_tokenizer(writer: gguf.GGUFWriter, spiece_model: Path) -> None:
+    """The key-values llama.cpp's converter writes for a T5 sentencepiece tokenizer (`_set_vocab_sentencepiece`
+    plus the T5 normalizer flags), read from `spiece.model` with sentencepiece and its proto's normalizer spec."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spiece_model))
+    tokens, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        kind = gguf.TokenType.NORMAL
+        if sp.is_unknown(i):
+            kind = gguf.TokenType.UNKNOWN
+        elif sp.is_control(i):
+            kind = gguf.TokenType.CONTROL
+        elif sp.is_unused(i):
+            kind = gguf.TokenType.UNUSED
+        elif sp.is_byte(i):
+            kind = gguf.TokenType.BYTE
+        types.append(kind)
+    normalizer = dict(
+        next(_proto_fields(v) for n, v in _proto_fields(spiece_model.read_bytes()) if n == 3)  # normalizer_spec
+    )
+    writer.add_tokenizer_model("t5")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(bool(normalizer.get(3, 1)))
+    writer.add_remove_extra_whitespaces(bool(normalizer.get(4, 1)))
+    if normalizer.get(2):
+        writer.add_precompiled_charsmap(normalizer[2])
+    writer.add_eos_token_id(sp.eos_id())
+    writer.add_unk_token_id(sp.unk_id())
+    writer.add_pad_token_id(sp.pad_id())
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(True)
+
+
+def write_gguf_umt5(
+    path: Path, official_t5: Path, ftype: str = "Q8_0", spiece_model: Path | None = None
+) -> dict[str, torch.Tensor]:
     """The official UMT5 `.pth` as a city96-style `t5encoder` GGUF: llama.cpp names, 2-D weights in Q8_0 (the
-    embedding included), 1-D and small tensors F32. Returns {llama.cpp name: float32 values as stored}."""
+    embedding included), 1-D and small tensors F32, and the tokenizer of `spiece_model` as llama.cpp key-values
+    when given. Returns {llama.cpp name: float32 values as stored}."""
     if ftype != "Q8_0":
         raise ValueError("only Q8_0 UMT5 files are written here")
     writer = gguf.GGUFWriter(str(path), "t5encoder")
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_file_type(FILE_TYPES[ftype])
+    if spiece_model is not None:
+        add_llama_t5_tokenizer(writer, spiece_model)
     stored = {}
     for key, value in torch.load(official_t5, map_location="cpu", weights_only=True).items():
         if key == "token_embedding.weight":

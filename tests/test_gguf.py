@@ -322,3 +322,41 @@ def test_gguf_umt5_encoder_loads_and_is_found(tiny: Path, tmp_path: Path, golden
     err = rel_l2(contexts[0], g["context_prompt"])
     print(f"Q8_0 UMT5: context rel. L2 to the official encoder {err:.2e}")
     assert 0 < err <= 2e-2
+
+
+def test_gguf_t5_tokenizer_rebuilds_the_sentencepiece_model(tiny: Path, tmp_path: Path) -> None:
+    """The tokenizer llama.cpp's converter stores as key-values comes back as a sentencepiece model that tokenizes
+    exactly as the `spiece.model` it was made from (the normalizer's dummy prefix included)."""
+    import sentencepiece
+    from gguf_files import write_gguf_umt5
+
+    from wan_local.weights.gguf.tokenizer import sentencepiece_model_from_gguf
+
+    spiece = tiny / "t2v-A14B" / "google" / "umt5-xxl" / "spiece.model"
+    path = tmp_path / "umt5-xxl-encoder-Q8_0.gguf"
+    write_gguf_umt5(path, tiny / "t2v-A14B" / "models_t5_umt5-xxl-enc-bf16.pth", spiece_model=spiece)
+    original = sentencepiece.SentencePieceProcessor(model_file=str(spiece))
+    rebuilt = sentencepiece.SentencePieceProcessor(model_proto=sentencepiece_model_from_gguf(read_gguf(path)))
+    texts = [
+        "A red fox runs through fresh snow at sunrise, cinematic lighting.",
+        "Two small boats drift on a calm blue lake. 湖面上的小船。",
+        "  extra   spaces\tand <unk> </s> tokens ",
+    ]
+    assert rebuilt.get_piece_size() == original.get_piece_size()
+    assert (rebuilt.unk_id(), rebuilt.eos_id(), rebuilt.pad_id(), rebuilt.bos_id()) == (
+        original.unk_id(),
+        original.eos_id(),
+        original.pad_id(),
+        original.bos_id(),
+    )
+    assert [rebuilt.encode(t) for t in texts] == [original.encode(t) for t in texts]
+    # the normalizer flags matter: without the dummy prefix the first word tokenizes differently
+    gf = read_gguf(path)
+    gf.kv["tokenizer.ggml.add_space_prefix"] = False
+    plain = sentencepiece.SentencePieceProcessor(model_proto=sentencepiece_model_from_gguf(gf))
+    assert plain.encode(texts[0]) != original.encode(texts[0])
+
+    dit = tmp_path / "Wan2.2-TI2V-5B-Q8_0.gguf"
+    write_gguf_dit(dit, tiny / "ti2v-5B", "Q8_0")
+    with pytest.raises(CheckpointError, match="carries no T5 tokenizer"):
+        sentencepiece_model_from_gguf(read_gguf(dit))

@@ -73,12 +73,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of fn(); on a shared CPU the CPU seconds are the steadier figure."""
     _sync(device)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
     _sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def bench_block(ftype: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
@@ -100,12 +101,17 @@ def bench_block(ftype: str, args: argparse.Namespace, device: torch.device, dtyp
                 x = x_ffn if inp == args.ffn else (x_video if video else x_text)
                 F.linear(x, weights[n])
 
-    runs = {"dequant_s": [], "matmul_video_s": [], "matmul_text_s": []}
+    runs: dict[str, list[float]] = {}
     dequant(), matmul(True), matmul(False)  # warm-up
     for _ in range(args.repeats):
-        runs["dequant_s"].append(timed(dequant, device))
-        runs["matmul_video_s"].append(timed(lambda: matmul(True), device))
-        runs["matmul_text_s"].append(timed(lambda: matmul(False), device))
+        for name, fn in (
+            ("dequant", dequant),
+            ("matmul_video", lambda: matmul(True)),
+            ("matmul_text", lambda: matmul(False)),
+        ):
+            wall, cpu = timed(fn, device)
+            runs.setdefault(f"{name}_s", []).append(wall)
+            runs.setdefault(f"{name}_cpu_s", []).append(cpu)
     best = {k: min(v) for k, v in runs.items()}
     matmul_s = best["matmul_video_s"] + best["matmul_text_s"]
     scaled = best["matmul_video_s"] * REAL_TOKENS / args.tokens + best["matmul_text_s"]
@@ -123,6 +129,8 @@ def bench_block(ftype: str, args: argparse.Namespace, device: torch.device, dtyp
         "matmul_s_at_real_tokens": scaled,
         "dequant_over_matmul_at_real_tokens": best["dequant_s"] / scaled,
         "dequant_gb_per_s": packed / best["dequant_s"] / 1e9,
+        "dequant_over_matmul_cpu_seconds": best["dequant_cpu_s"]
+        / (best["matmul_video_cpu_s"] + best["matmul_text_cpu_s"]),
         "median": {k: statistics.median(v) for k, v in runs.items()},
         "runs": runs,
     }

@@ -250,7 +250,7 @@ def test_real_a14b_q4_k_m_expert_is_counted_as_stored(tmp_path: Path) -> None:
     bf16 = model_bytes_from_tensors({k: type(v)(v.shape, "BF16") for k, v in table.items()}, dense_bytes=2)
     assert model.total_bytes < 0.35 * bf16.total_bytes
     # One Linear dequantized at a time: the largest (ffn, 5120 x 13824) in bf16, plus bounded temporaries.
-    assert model.dequant_scratch_bytes < 5120 * 13824 * 2 + 100 * 2**20
+    assert 5120 * 13824 * 2 < model.dequant_scratch_bytes <= 5120 * 13824 * 2 + 256 * 2**20
 
 
 # One forward of the golden dit_t2v case (t2v-A14B high-noise expert) with GGUF weights, float32 compute.

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from wan_local.weights.gguf.types import CHUNK_VALUES, GGML_BY_NAME, GGML_TYPES, QK_K, GGMLType
+from wan_local.weights.gguf.types import CHUNK_VALUES, CUDA_CHUNK_VALUES, GGML_BY_NAME, GGML_TYPES, QK_K, GGMLType
 
 __all__ = ["DENSE", "GGML_BY_NAME", "GGML_TYPES", "GGMLType", "dequantize"]
 
@@ -209,7 +209,7 @@ def dequantize(
     decode = _DECODERS[ggml.name]
     blocks = flat.view(-1, ggml.type_size)
     dst = out.view(-1, ggml.block_size)
-    step = max(1, CHUNK_VALUES // ggml.block_size)
+    step = max(1, (CHUNK_VALUES if raw.device.type == "cpu" else CUDA_CHUNK_VALUES) // ggml.block_size)
     for start in range(0, blocks.shape[0], step):
         dst[start : start + step].copy_(decode(blocks[start : start + step]))
     return out

@@ -330,7 +330,11 @@ def test_gguf_t5_tokenizer_rebuilds_the_sentencepiece_model(tiny: Path, tmp_path
     import sentencepiece
     from gguf_files import write_gguf_umt5
 
-    from wan_local.weights.gguf.tokenizer import sentencepiece_model_from_gguf
+    from wan_local.weights.gguf.tokenizer import (
+        gguf_carries_tokenizer,
+        read_gguf_tokenizer,
+        sentencepiece_model_from_gguf,
+    )
 
     spiece = tiny / "t2v-A14B" / "google" / "umt5-xxl" / "spiece.model"
     path = tmp_path / "umt5-xxl-encoder-Q8_0.gguf"
@@ -360,3 +364,7 @@ def test_gguf_t5_tokenizer_rebuilds_the_sentencepiece_model(tiny: Path, tmp_path
     write_gguf_dit(dit, tiny / "ti2v-5B", "Q8_0")
     with pytest.raises(CheckpointError, match="carries no T5 tokenizer"):
         sentencepiece_model_from_gguf(read_gguf(dit))
+    assert gguf_carries_tokenizer(path) and not gguf_carries_tokenizer(dit)
+    assert (
+        read_gguf_tokenizer(path) == sentencepiece_model_from_gguf(read_gguf(path)) and read_gguf_tokenizer(dit) is None
+    )

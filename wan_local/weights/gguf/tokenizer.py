@@ -5,16 +5,18 @@ scores and types, a unigram trainer spec with the file's unk / eos / pad ids (no
 
 The proto is written with a few lines of protobuf wire format (no protobuf dependency): `sentencepiece` loads
 the bytes with `SentencePieceProcessor(model_proto=...)`, exactly as it loads the `spiece_model` tensor of a
-ComfyUI text-encoder file.
+ComfyUI text-encoder file. `gguf_carries_tokenizer` / `read_gguf_tokenizer` take a path, as a text-encoder file
+type's tokenizer reader does.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from pathlib import Path
 
 from wan_local.errors import CheckpointError
-from wan_local.weights.gguf.reader import GGUFFile
+from wan_local.weights.gguf.reader import GGUFFile, read_gguf
 
 PREFIX = "tokenizer.ggml."
 _UNIGRAM = 1  # TrainerSpec.ModelType
@@ -85,3 +87,14 @@ def sentencepiece_model_from_gguf(gf: GGUFFile) -> bytes:
         )
     )
     return pieces + _field(2, trainer) + _field(3, normalizer)
+
+
+def gguf_carries_tokenizer(path: Path) -> bool:
+    """Whether the GGUF file at `path` carries a T5 tokenizer (header only)."""
+    return has_tokenizer(read_gguf(path))
+
+
+def read_gguf_tokenizer(path: Path) -> bytes | None:
+    """The sentencepiece ModelProto of the GGUF file at `path`, or None when it carries no tokenizer."""
+    gf = read_gguf(path)
+    return sentencepiece_model_from_gguf(gf) if has_tokenizer(gf) else None

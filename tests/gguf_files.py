@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import gguf
 import numpy as np
+import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType
@@ -187,8 +189,14 @@ def write_gguf_header_only(path: Path, tensors: dict[str, tuple[tuple[int, ...],
     writer.close()
     header = path.stat().st_size
     size = -(-header // 32) * 32 + data_bytes
+    if sys.platform == "win32":  # extending a file there allocates (and zeroes) the whole data section
+        path.unlink()
+        pytest.skip("header-only GGUF files need sparse files (not made on Windows)")
     with path.open("r+b") as f:
         f.truncate(size)  # sparse: no data blocks are written
+    if path.stat().st_blocks * 512 > 64 * 2**20:
+        path.unlink()
+        pytest.skip(f"{path.parent} does not keep files sparse")
     return size
 
 

@@ -142,3 +142,41 @@ def test_gguf_runs_equal_offline_dequantized_and_stream_bit_exact(
         packed = sum(m.weight.numel() for m in linears)
         assert packed <= sum(m.in_features * m.out_features for m in linears) * (34 / 32) / 1  # ≤ 8.5 bits / weight
         assert streamer.buffer_bytes < sum(4 * m.in_features * m.out_features for m in linears) / 2
+
+
+def test_a14b_q4_k_m_experts_are_planned_as_stored(tiny: Path, tmp_path: Path) -> None:
+    """Two I2V-A14B Q4_K_M experts of the published size (headers with the real 1095 tensors, data sections sparse
+    holes) with a ComfyUI text encoder and VAE: on a 16 GB card with 32 GB of RAM the plan holds each expert's
+    9.65 GB resident, where the same tensors stored in bf16 (quantized to int8 by that preset) must stream."""
+    import dataclasses
+
+    from gguf_files import write_gguf_header_only
+    from test_gguf import _a14b_i2v_q4_k_m_tensors
+
+    from wan_local.engine.admit import estimate_for
+    from wan_local.engine.request import JobSettings
+    from wan_local.engine.resolve import resolve_job
+    from wan_local.machine import GIB, MachineInfo
+    from wan_local.memory.estimate import machine_for
+    from wan_local.weights.headers import TensorInfo
+
+    tensors = _a14b_i2v_q4_k_m_tensors()
+    (tmp_path / "diffusion_models").mkdir()
+    for role in ("HighNoise", "LowNoise"):
+        write_gguf_header_only(tmp_path / "diffusion_models" / f"Wan2.2-I2V-A14B-{role}-Q4_K_M.gguf", tensors, "Q4_K_M")
+    _common_files(tmp_path, tiny)
+    machine = machine_for(
+        MachineInfo("GPU", 80 * GIB, 80 * GIB, (8, 9), 256 * GIB, 250 * GIB, 10**12), vram_gb=16, ram_gb=32
+    )
+    request = JobSettings(task="i2v-A14B", ckpt_dir=str(tmp_path), prompt="", size=(832, 480), seed=1)
+    job = resolve_job(request, machine=machine, need_image=False)
+    assert job.checkpoint.dit_file_bytes == 9_651_728_896 and job.requested.name == "gpu16-ram32"
+    estimate = estimate_for(job, job.memory(job.requested))
+    plan = estimate.plan
+    weights = plan.resident_block_bytes + plan.non_block_bytes
+    print(f"GGUF Q4_K_M: {weights / 1e9:.2f} GB of weights resident, peak VRAM {estimate.peak_vram_bytes / 1e9:.2f} GB")
+    assert plan.streamed_blocks == () and 9.6e9 < weights < 9_651_728_896
+
+    as_bf16 = {k: TensorInfo(t.shape, "BF16") for k, t in job.checkpoint.dit_tensors.items()}
+    bf16_job = dataclasses.replace(job, checkpoint=dataclasses.replace(job.checkpoint, dit_tensors=as_bf16))
+    assert len(estimate_for(bf16_job, job.memory(job.requested)).plan.streamed_blocks) > 0

@@ -168,6 +168,48 @@ def write_gguf_dit(
     return stored
 
 
+def a14b_i2v_q4_k_m_tensors() -> dict[str, tuple[tuple[int, ...], Q]]:
+    """Every tensor of a QuantStack I2V-A14B Q4_K_M expert: shapes of fact sheet §2.8, block Linears as §3.4 says
+    (Q4_K, `.v` and `ffn.2` Q6_K), `patch_embedding.weight` F32. Every other tensor is stored in 2 bytes per value
+    here: with that, the file has exactly the published size (9,651,728,896 B); with §3.4's F32 for the 1-D tensors
+    and modulation it would be 9,840,768 B (= 2 bytes x their 4,920,384 values) larger. Whether F16 or BF16 does not
+    change the size; BF16 is used."""
+    c, f = 5120, 13824
+    tensors: dict[str, tuple[tuple[int, ...], Q]] = {
+        "patch_embedding.weight": ((c, 36, 1, 2, 2), Q.F32),
+        "patch_embedding.bias": ((c,), Q.BF16),
+        "text_embedding.0.weight": ((c, 4096), Q.BF16),
+        "text_embedding.0.bias": ((c,), Q.BF16),
+        "text_embedding.2.weight": ((c, c), Q.BF16),
+        "text_embedding.2.bias": ((c,), Q.BF16),
+        "time_embedding.0.weight": ((c, 256), Q.BF16),
+        "time_embedding.0.bias": ((c,), Q.BF16),
+        "time_embedding.2.weight": ((c, c), Q.BF16),
+        "time_embedding.2.bias": ((c,), Q.BF16),
+        "time_projection.1.weight": ((6 * c, c), Q.BF16),
+        "time_projection.1.bias": ((6 * c,), Q.BF16),
+        "head.modulation": ((1, 2, c), Q.BF16),
+        "head.head.weight": ((64, c), Q.BF16),
+        "head.head.bias": ((64,), Q.BF16),
+    }
+    for i in range(40):
+        b = f"blocks.{i}."
+        t = {b + "modulation": ((1, 6, c), Q.BF16)}
+        t.update({b + "norm3.weight": ((c,), Q.BF16), b + "norm3.bias": ((c,), Q.BF16)})
+        for attn in ("self_attn", "cross_attn"):
+            for p in "qkvo":
+                t[f"{b}{attn}.{p}.weight"] = ((c, c), Q.Q6_K if p == "v" else Q.Q4_K)
+                t[f"{b}{attn}.{p}.bias"] = ((c,), Q.BF16)
+            t[f"{b}{attn}.norm_q.weight"] = ((c,), Q.BF16)
+            t[f"{b}{attn}.norm_k.weight"] = ((c,), Q.BF16)
+        t[b + "ffn.0.weight"] = ((f, c), Q.Q4_K)
+        t[b + "ffn.0.bias"] = ((f,), Q.BF16)
+        t[b + "ffn.2.weight"] = ((c, f), Q.Q6_K)
+        t[b + "ffn.2.bias"] = ((c,), Q.BF16)
+        tensors.update(t)
+    return tensors
+
+
 def write_gguf_header_only(path: Path, tensors: dict[str, tuple[tuple[int, ...], Q]], ftype: str) -> int:
     """A GGUF file whose header lists `tensors` ({name: (torch shape, type)}) and whose data section is a hole
     (a sparse file of the full size: its header is what a real file of these shapes holds, its data zeros).

@@ -150,8 +150,7 @@ def test_a14b_q4_k_m_experts_are_planned_as_stored(tiny: Path, tmp_path: Path) -
     9.65 GB resident, where the same tensors stored in bf16 (quantized to int8 by that preset) must stream."""
     import dataclasses
 
-    from gguf_files import write_gguf_header_only
-    from test_gguf import _a14b_i2v_q4_k_m_tensors
+    from gguf_files import a14b_i2v_q4_k_m_tensors, write_gguf_header_only
 
     from wan_local.engine.admit import estimate_for
     from wan_local.engine.request import JobSettings
@@ -160,7 +159,7 @@ def test_a14b_q4_k_m_experts_are_planned_as_stored(tiny: Path, tmp_path: Path) -
     from wan_local.memory.estimate import machine_for
     from wan_local.weights.headers import TensorInfo
 
-    tensors = _a14b_i2v_q4_k_m_tensors()
+    tensors = a14b_i2v_q4_k_m_tensors()
     (tmp_path / "diffusion_models").mkdir()
     for role in ("HighNoise", "LowNoise"):
         write_gguf_header_only(tmp_path / "diffusion_models" / f"Wan2.2-I2V-A14B-{role}-Q4_K_M.gguf", tensors, "Q4_K_M")

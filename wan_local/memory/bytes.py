@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from wan_local.errors import InputError
 from wan_local.memory.options import QUANT_MODES, QUANT_SCOPES
 from wan_local.specs import TaskSpec, check_frames, check_size, get_task
+from wan_local.weights.gguf.types import DEQUANT_TEMP_BYTES, GGML_BY_NAME
 
 if TYPE_CHECKING:  # torch is imported only where a model config is built, so `wan-local --help` stays instant
     from wan_local.models.dit import DiTConfig
@@ -420,12 +421,14 @@ def model_bytes_from_tensors(
 
     The bytes the engine holds, not the bytes of the file: one-byte weights (fp8_scaled, quanto, int8) stay as
     stored with their float32 scales, and a pre-quantized file keeps its own format whatever `quant` says
-    (as quant.load_quantized_dit does); high-precision block Linears are quantized per `quant` / `quant_scope`
-    (1 byte per weight + one float32 scale per row); everything else is held at `dense_bytes` (the run dtype).
+    (as quant.load_quantized_dit does); GGUF block formats (dtype "Q4_K", "Q8_0", ...) stay packed as stored, a
+    weight dequantized to `dense_bytes` (plus bounded float32 temporaries) while its Linear runs; high-precision
+    block Linears are quantized per `quant` / `quant_scope` (1 byte per weight + one float32 scale per row);
+    everything else is held at `dense_bytes` (the run dtype).
     """
     if quant not in QUANT_MODES:
         raise InputError(f"quant={quant!r} is not one of {', '.join(QUANT_MODES)}")
-    prequantized = any(str(t.dtype) in _ONE_BYTE_DTYPES for t in tensors.values())
+    prequantized = any(str(t.dtype) in _ONE_BYTE_DTYPES or _ggml_packed(t.dtype) for t in tensors.values())
     targets = _QUANT_LINEARS[quant_scope] if quant != "none" and not prequantized else set()
     blocks: dict[int, int] = {}
     non_block = params = scratch = 0
@@ -439,6 +442,9 @@ def model_bytes_from_tensors(
         if str(info.dtype) in _ONE_BYTE_DTYPES:
             nbytes = n
             scratch = max(scratch, n * BF16_BYTES)
+        elif _ggml_packed(info.dtype):
+            nbytes = GGML_BY_NAME[str(info.dtype)].nbytes(n)
+            scratch = max(scratch, n * dense_bytes + DEQUANT_TEMP_BYTES)
         elif "scale" in leaf:
             nbytes = n * QUANT_SCALE_BYTES
         elif layer in targets and leaf == "weight" and len(shape) == 2:
@@ -462,6 +468,12 @@ def model_bytes_from_tensors(
         quant=quantized,
         dequant_scratch_bytes=scratch,
     )
+
+
+def _ggml_packed(dtype: object) -> bool:
+    """Whether a tensor-table dtype names a quantized GGML block format (a GGUF tensor kept packed)."""
+    ggml = GGML_BY_NAME.get(str(dtype))
+    return ggml is not None and ggml.quantized
 
 
 def default_pinned_cap_bytes(ram_total_bytes: int, os_name: str) -> int:

@@ -8,10 +8,11 @@ happens to the other:
 - keep_idle True (RAM allows both): the next expert is read from disk in a background thread while the current one
   computes, and a finished expert is parked in host RAM for the next job.
 
-Quantized experts come from the quantization cache; ComfyUI fp8_scaled and optimum-quanto files are used as
-stored. Streaming follows the plan's streamed blocks. An expert's streamer packs (and on CUDA pins) its blocks'
-host slabs once; parking a kept expert only detaches the device side, so its next activation re-attaches without
-packing or pinning anything. Releasing an expert uninstalls its streamer (unpins) before the model is dropped.
+Quantized experts come from the quantization cache; ComfyUI fp8_scaled, optimum-quanto and GGUF files are used
+as stored (GGUF Linears stay packed and are dequantized on the device as their block runs). Streaming follows
+the plan's streamed blocks. An expert's streamer packs (and on CUDA pins) its blocks' host slabs once; parking a
+kept expert only detaches the device side, so its next activation re-attaches without packing or pinning
+anything. Releasing an expert uninstalls its streamer (unpins) before the model is dropped.
 
 Every expert held is an entry of the memory ledger (kind "dit"): reserved with its file size when its read starts,
 then its measured host, pinned and VRAM bytes; an idle expert is evictable (`MemoryLedger.make_room` drops it), and
@@ -139,7 +140,7 @@ class ExpertSlots:
 
     def _load(self, path: Path) -> WanDiT:
         quant = self._memory.quant
-        if quant != "none" or is_prequantized(path):
+        if (quant != "none" and Path(path).suffix != ".gguf") or is_prequantized(path):
             from wan_local.memory.quant.cache import QuantCache
             from wan_local.memory.quant.formats import load_quantized_dit
 
@@ -153,7 +154,7 @@ class ExpertSlots:
                 expected_model_type=self._model_type,
                 compute=self._memory.quant_compute,
             )
-        else:
+        else:  # GGUF files too: kept in their own quantization, whatever `quant` says
             model = load_dit(path, dtype=self._dtype, expected_model_type=self._model_type)
         return model
 

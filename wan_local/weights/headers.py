@@ -32,10 +32,16 @@ class TensorInfo:
 
 
 def tensor_table(path: Path) -> dict[str, TensorInfo]:
-    """{tensor name: TensorInfo} of a safetensors file or folder (headers only) or a .pth (memory-mapped)."""
+    """{tensor name: TensorInfo} of a safetensors file or folder, a GGUF file (headers only) or a .pth
+    (memory-mapped)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.suffix == ".gguf":
+        from wan_local.weights.gguf.dit import gguf_tensor_table
+        from wan_local.weights.gguf.reader import read_gguf
+
+        return gguf_tensor_table(read_gguf(path))  # dtype: the GGML type name ("Q4_K", "F32", ...)
     if not (path.is_dir() or path.suffix == ".safetensors"):
         from wan_local.weights.files import read_pth
 
@@ -86,6 +92,11 @@ def read_dit_config(path: Path) -> DiTConfig:
             return dit_config_from_diffusers(config)
         return dit_config_from_official(config, _header_shapes(path))
     shapes = dit_tensor_table(path)
+    if path.suffix == ".gguf":
+        from wan_local.weights.gguf.dit import gguf_config_hints
+        from wan_local.weights.gguf.reader import read_gguf
+
+        return dit_config_from_state_dict(shapes, gguf_config_hints(read_gguf(path)))
     try:
         hints = json.loads(read_safetensors_metadata(path).get("config", "{}"))
     except json.JSONDecodeError:

@@ -12,8 +12,9 @@ The inventory is what layout detection explains itself with and what the Models 
   with its input channels 16 t2v / 36 i2v / 48 ti2v, `decoder.conv1.weight` VAE with 16 or 48 latent channels,
   `relative_attention_bias` UMT5), the precision by the stored dtypes (fp32 / bf16 / fp16 / fp8_scaled when fp8
   weights come with per-layer scales); A14B experts by "high"/"low" in the file name, as published.
-- GGUF files: by name only (`HighNoise`/`high_noise`, `LowNoise`/`low_noise`, `TI2V-5B`/`ti2v`, `T2V`/`I2V`,
-  the quant type such as `Q4_K_M`); `gguf_header_details` is where the GGUF reader adds what the header says.
+- GGUF files: the header says the architecture (`wan` DiT, `t5encoder` UMT5), the task (the patch embedding's
+  input channels) and the quant type its weights mostly use; the file name says the expert (`HighNoise` /
+  `high_noise`, `LowNoise` / `low_noise`: nothing inside tells them apart) and the quant mix (`Q4_K_M`).
 """
 
 from __future__ import annotations
@@ -182,9 +183,26 @@ def _expert_from_name(name: str) -> str:
 
 
 def gguf_header_details(path: Path) -> dict[str, str] | None:
-    """What a GGUF file's own header says (architecture, quant type): the seam for the GGUF reader. Returns
-    None while none is wired in; the file is then classified by its name alone (`_classify_gguf`)."""
-    return None
+    """What a GGUF file's own header says: its architecture ("wan", "t5encoder") and its precision (the quant
+    type most of its quantized weights use, e.g. "Q4_K" for a Q4_K_M file). None for a file whose header cannot
+    be read; the file is then classified by its name alone (`_classify_gguf`)."""
+    from collections import Counter
+
+    from wan_local.errors import CheckpointError
+    from wan_local.weights.gguf.reader import read_gguf
+
+    try:
+        gf = read_gguf(path)
+    except CheckpointError:
+        return None
+    counts = Counter(t.ggml_type.name for t in gf.tensors.values() if t.ggml_type.quantized)
+    details = {"architecture": gf.architecture}
+    patch = next((t for name, t in gf.tensors.items() if name.endswith("patch_embedding.weight")), None)
+    if patch is not None and len(patch.shape) > 1:
+        details["kind"] = {16: "t2v", 36: "i2v", 48: "ti2v"}.get(patch.shape[1], "")
+    if counts:
+        details["quantized"] = counts.most_common(1)[0][0]
+    return details
 
 
 def _classify_gguf(path: Path) -> FoundFile:
@@ -193,10 +211,12 @@ def _classify_gguf(path: Path) -> FoundFile:
     match = _GGUF_QUANT.search(path.name)
     precision = match.group(1).upper() if match else ""
     details = gguf_header_details(path) or {}
-    precision = details.get("precision", precision)
-    if "umt5" in lower or "t5xxl" in lower or details.get("architecture") == "t5encoder":
+    precision = precision or details.get("quantized", "")
+    if details.get("architecture") == "t5encoder":
+        return FoundFile(path, "gguf", precision, TEXT_ENCODER, "umt5", size)
+    if "umt5" in lower or "t5xxl" in lower:
         return FoundFile(path, "gguf", precision, TEXT_ENCODER, "umt5", size, note="by name")
-    kind = (
+    kind = details.get("kind") or (
         "ti2v" if ("ti2v" in lower or "5b" in lower) else "i2v" if "i2v" in lower else "t2v" if "t2v" in lower else ""
     )
     if "highnoise" in lower.replace("_", "") or "high_noise" in lower:
@@ -206,7 +226,8 @@ def _classify_gguf(path: Path) -> FoundFile:
     else:
         role = SINGLE if kind == "ti2v" else EXPERT
     problem = "" if kind else "a GGUF file whose name says neither T2V, I2V nor TI2V"
-    return FoundFile(path, "gguf", precision, role, kind, size, problem, note="by name")
+    note = "role by name" if details.get("kind") else "by name"
+    return FoundFile(path, "gguf", precision, role, kind, size, problem, note=note)
 
 
 def _read_config(folder: Path) -> tuple[dict[str, Any] | None, str]:

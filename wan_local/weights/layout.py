@@ -6,8 +6,9 @@
   noise), `vae/`, `text_encoder/`, `tokenizer/`.
 - ComfyUI single files, flat or in `diffusion_models/`, `text_encoders/`, `vae/` sub-folders; recognised by the
   tensor names in their headers. Their high/low-noise experts are told apart by "high"/"low" in the file name,
-  as the published files are named. The tokenizer travels inside the text-encoder file (`spiece_model`); a
-  tokenizer folder next to the files is used when there is one.
+  as the published files are named (`…_high_noise_…`, QuantStack's GGUF `…-HighNoise-Q4_K_M.gguf`). GGUF DiTs
+  (`diffusion_models/*.gguf`, `unet/*.gguf`) count as DiT files of this layout. The tokenizer travels inside the
+  text-encoder file (`spiece_model`); a tokenizer folder next to the files is used when there is one.
 """
 
 from __future__ import annotations
@@ -148,7 +149,11 @@ def _diffusers(root: Path, spec: TaskSpec) -> CheckpointSet:
 
 
 def _header(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes from a safetensors header (nothing else is read)."""
+    """Tensor names and shapes from a safetensors or GGUF header (nothing else is read)."""
+    if path.suffix == ".gguf":
+        from wan_local.weights.headers import tensor_table
+
+        return {k: info.shape for k, info in tensor_table(path).items()}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
@@ -162,6 +167,7 @@ def _find_key(header: dict[str, tuple[int, ...]], suffix: str) -> tuple[int, ...
 
 def _comfyui(root: Path, spec: TaskSpec) -> CheckpointSet:
     files = sorted({*root.glob("*.safetensors"), *root.glob("*/*.safetensors")})
+    files += sorted({*root.glob("*.gguf"), *root.glob("*/*.gguf")})  # GGUF DiTs (diffusion_models/, unet/)
     dits: dict[str, Path] = {}
     vae = text_encoder = None
     for path in files:
@@ -195,8 +201,9 @@ def _comfyui(root: Path, spec: TaskSpec) -> CheckpointSet:
     tokenizer = _tokenizer_dir(root)
     if tokenizer is None and text_encoder is not None and not carries_tokenizer(text_encoder):
         missing.append(
-            f"a tokenizer: {text_encoder.name} carries none (no spiece_model) and there is no google/umt5-xxl/ "
-            "folder (Comfy-Org's umt5_xxl_fp16 / umt5_xxl_fp8_e4m3fn_scaled files carry it)"
+            f"a tokenizer: {text_encoder.name} carries none (no spiece_model, no tokenizer.ggml.* key-values) and "
+            "there is no google/umt5-xxl/ folder (Comfy-Org's umt5_xxl_fp16 / umt5_xxl_fp8_e4m3fn_scaled files and "
+            "city96's umt5-xxl-encoder GGUFs carry it)"
         )
     if missing:
         if not files:

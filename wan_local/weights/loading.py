@@ -228,8 +228,13 @@ def read_dit(path: Path, compute_dtype: torch.dtype) -> tuple[DiTConfig, StateDi
 def load_dit(path: Path, dtype: torch.dtype = torch.float32, expected_model_type: str | None = None) -> WanDiT:
     """Load a Wan DiT from an official or diffusers folder, or a ComfyUI single file (fp8_scaled included).
 
-    `expected_model_type` ("t2v", "i2v", "ti2v") guards against loading the wrong task's checkpoint.
+    `expected_model_type` ("t2v", "i2v", "ti2v") guards against loading the wrong task's checkpoint. A GGUF file
+    loads with its quantized Linears kept packed (`wan_local.memory.quant.gguf`).
     """
+    if Path(path).suffix == ".gguf":
+        from wan_local.memory.quant.gguf import load_gguf_dit
+
+        return load_gguf_dit(Path(path), dtype, expected_model_type)
     try:
         config, sd, fmt = read_dit(Path(path), dtype)
     except KeyError as exc:
@@ -298,9 +303,15 @@ def _vae_config(kind: str, config_cls: Any, sd: Mapping[str, torch.Tensor], path
 
 
 def load_text_encoder(path: Path, dtype: torch.dtype = torch.bfloat16) -> TextEncoder:
-    """Load the UMT5-XXL encoder: official `.pth`, diffusers `text_encoder/` folder or ComfyUI file (fp8_scaled
-    included), as a transformers UMT5EncoderModel in `dtype` (the reference runs it in bf16)."""
+    """Load the UMT5-XXL encoder: official `.pth`, diffusers `text_encoder/` folder, ComfyUI file (fp8_scaled
+    included) or GGUF (`t5encoder`), as a transformers UMT5EncoderModel in `dtype` (the reference runs it in bf16)."""
     path = Path(path)
-    config, sd = prepare_umt5_state_dict(read_state_dict(path), dtype, source=str(path))
+    if path.suffix == ".gguf":  # city96's GGUF encoders: dequantized on load
+        from wan_local.weights.gguf.umt5 import read_gguf_umt5
+
+        raw = read_gguf_umt5(path, dtype)
+    else:
+        raw = read_state_dict(path)
+    config, sd = prepare_umt5_state_dict(raw, dtype, source=str(path))
     sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     return TextEncoder.from_state_dict(config, sd)

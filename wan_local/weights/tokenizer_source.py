@@ -68,6 +68,18 @@ def read_safetensors_spiece(path: Path) -> bytes | None:
     return tensor.contiguous().numpy().tobytes()
 
 
+def _gguf_carries(path: Path) -> bool:
+    from wan_local.weights.gguf.tokenizer import gguf_carries_tokenizer
+
+    return gguf_carries_tokenizer(path)
+
+
+def _gguf_read(path: Path) -> bytes | None:
+    from wan_local.weights.gguf.tokenizer import read_gguf_tokenizer
+
+    return read_gguf_tokenizer(path)
+
+
 @dataclass(frozen=True)
 class EmbeddedTokenizer:
     """How one type of text-encoder file carries its tokenizer.
@@ -86,6 +98,7 @@ EMBEDDED_TOKENIZERS: dict[str, EmbeddedTokenizer] = {
     ".safetensors": EmbeddedTokenizer(
         SPIECE_KEY, lambda path: safetensors_spiece_key(path) is not None, read_safetensors_spiece
     ),
+    ".gguf": EmbeddedTokenizer("tokenizer.ggml.*", _gguf_carries, _gguf_read),
 }
 
 

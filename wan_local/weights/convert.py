@@ -111,7 +111,7 @@ def read_tensors(
     dtype: torch.dtype | None = None,
     *,
     reader: Reader | None = None,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     what: str = "weights",
 ) -> tuple[list[torch.Tensor], list[str], ReadStats]:
     """Read `tensors` with plain reads, floating-point ones converted to `dtype` (None: as stored).
@@ -126,8 +126,11 @@ def read_tensors(
     src = [tensors[i] for i in order]
     targets = [dtype if dtype is not None and t.dtype.is_floating_point else t.dtype for t in src]
     convert = any(t.dtype != d for t, d in zip(src, targets, strict=True))
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     chunk_bytes = max(64, chunk_bytes - chunk_bytes % 8)  # whole elements of every dtype
-    buffers = [torch.empty(chunk_bytes, dtype=torch.uint8) for _ in range(BUFFERS if convert else 0)]
+    largest = max((t.nbytes for t, d in zip(src, targets, strict=True) if t.dtype != d), default=0)
+    buffer_bytes = min(chunk_bytes, largest)  # small loads get small buffers
+    buffers = [torch.empty(buffer_bytes, dtype=torch.uint8) for _ in range(BUFFERS if convert else 0)]
     out: list[torch.Tensor | None] = [None] * len(src)
     bad: set[str] = set()
     stats = ReadStats(sources=sorted({t.path for t in src}))
@@ -245,7 +248,7 @@ def load_state_dict(
     dtype: torch.dtype | None,
     *,
     reader: Reader | None = None,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     check: Callable[[Mapping[str, torch.Tensor]], list[str]] | None = None,
     keep: Collection[str] = (),
 ) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -338,6 +338,7 @@ def test_cache_second_start_does_not_quantize(tmp_path: Path) -> None:
     second = cache.get_or_create(sources, "fp8", "all", build)
     assert len(calls) == 1
     assert set(first) == set(second) and second["blocks.0.ffn.0.weight"].dtype == torch.float8_e4m3fn
+    first, second = ({k: as_tensor(v) for k, v in sd.items()} for sd in (first, second))
     assert all(torch.equal(first[k].view(torch.uint8), second[k].view(torch.uint8)) for k in first)
     assert cache.load(sources, "int8", "all") is None  # another mode is another entry
 

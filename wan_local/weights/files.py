@@ -164,6 +164,9 @@ class StoredTensor:
     def element_size(self) -> int:
         return self.dtype.itemsize
 
+    def dim(self) -> int:
+        return len(self.shape)
+
     def mapped(self) -> torch.Tensor:
         """The tensor as stored, memory-mapped (pages are read when touched)."""
         return self._file.tensor(self.key)

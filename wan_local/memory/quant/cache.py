@@ -17,8 +17,8 @@ import torch
 
 from wan_local.errors import CheckpointError, InputError
 from wan_local.memory.quant.formats import quantized_layers
-from wan_local.weights.convert import read_copy
-from wan_local.weights.files import StateDict, read_safetensors, read_safetensors_metadata
+from wan_local.weights.convert import as_tensor, read_copy
+from wan_local.weights.files import open_safetensors, read_safetensors_metadata
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,9 @@ class QuantCache:
         group = self._ident(sources, mode, scope, with_stat=False)[:12]
         return self.cache_dir / f"dit-{mode}-{scope}-{group}-{self.key(sources, mode, scope)[:16]}.safetensors"
 
-    def load(self, sources: Sequence[Path], mode: str, scope: str) -> StateDict | None:
-        """The cached state dict (memory-mapped), or None when absent or found broken (then it is deleted)."""
+    def load(self, sources: Sequence[Path], mode: str, scope: str) -> dict[str, Any] | None:
+        """The cached state dict (`files.StoredTensor`s: headers read, scales checked), or None when absent or found
+        broken (then it is deleted)."""
         path = self.path(sources, mode, scope)
         if not path.is_file():
             return None
@@ -104,11 +105,11 @@ class QuantCache:
             meta = read_safetensors_metadata(path)
             if meta.get("wan_local.key") != self.key(sources, mode, scope):
                 raise CheckpointError(f"metadata does not match (format {meta.get('wan_local.format')!r})")
-            sd = read_safetensors(path)
+            sd = open_safetensors(path)  # headers: quantized weights are used mapped, the rest read as needed
             if len(sd) != int(meta.get("wan_local.tensors", -1)):
                 raise CheckpointError(f"{len(sd)} tensors instead of {meta.get('wan_local.tensors')}")
             quantized_layers(sd, str(path))
-            scales = [v for k, v in sd.items() if k.endswith(".scale")]
+            scales = [as_tensor(v) for k, v in sd.items() if k.endswith(".scale")]
             if not all(bool(torch.isfinite(s).all()) and bool((s > 0).all()) for s in scales):
                 raise CheckpointError("a scale is not finite and positive")
         except (CheckpointError, ValueError) as exc:

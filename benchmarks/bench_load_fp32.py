@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     # bench_load's checkpoint writer, at the real A14B widths.
     args.dim, args.ffn_dim, args.heads, args.layers = 5120, 13824, 40, args.blocks
     sizes = model_bytes(args)
-    args.shard_mb = math.ceil(sizes["bf16_bytes"] * 2 / args.shards / 1e6) + 1
+    args.shard_mb = math.ceil(sizes["bf16_bytes"] * 2 * 1.05 / args.shards / 1e6)  # whole tensors per shard
     args.workdir.mkdir(parents=True, exist_ok=True)
     folders = bench_load.write_checkpoints(args, ["fp32", "bf16"])
     loadavg_start = os.getloadavg() if hasattr(os, "getloadavg") else None

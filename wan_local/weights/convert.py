@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from wan_local.errors import CheckpointError
@@ -96,9 +97,13 @@ def _chunks(tensors: Sequence[StoredTensor], chunk_bytes: int) -> Iterator[_Chun
 
 def _finite(values: torch.Tensor) -> bool:
     """True when no value is NaN or infinite. One summing pass (NaN / inf propagate through a sum); only a sum
-    that overflowed on finite values needs the exact check."""
+    that overflowed on finite values needs the exact check. numpy sums on this thread alone: torch's would share
+    the intra-op thread pool with the conversion running at the same time on the caller's thread."""
     if not values.is_floating_point() or values.numel() == 0:
         return True
+    if values.dtype in (torch.float16, torch.float32, torch.float64):
+        array = values.numpy()
+        return bool(np.isfinite(array.sum())) or bool(np.isfinite(array).all())
     if values.element_size() == 1:  # float8: no sum kernel; rare here (scaled fp8 files are read mapped)
         return bool(torch.isfinite(values.float()).all())
     if bool(torch.isfinite(values.sum(dtype=torch.float32))):

@@ -34,12 +34,14 @@ import datetime as dt
 import json
 import logging
 import math
+import mmap
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import bench_load
@@ -64,8 +66,33 @@ def _convert_mapped(sd, dtype, *, check=None, keep=(), **_):
     return out, bad
 
 
+def touch_case(case: dict) -> dict:
+    """Allocate the bf16 model's tensors and write every page once: what faulting in fresh memory costs (any loader
+    that makes a bf16 copy in RAM pays it; a raw read into one reused buffer does not)."""
+    from common import peak_rss, reset_peak_rss, rss
+
+    from wan_local.models.dit import DiTConfig, WanDiT
+
+    cfg = {k: v for k, v in case["config"].items() if not k.startswith("_")}
+    with torch.device("meta"):
+        shapes = [tuple(t.shape) for t in WanDiT(DiTConfig(**cfg)).state_dict().values()]
+    reset_peak_rss()
+    rss0 = rss()
+    t0 = time.perf_counter()
+    tensors = [torch.empty(shape, dtype=torch.bfloat16) for shape in shapes]
+    for t in tensors:
+        t.view(-1)[:: mmap.PAGESIZE // 2].fill_(0)
+    total = time.perf_counter() - t0
+    nbytes = sum(t.numel() * 2 for t in tensors)
+    peak = peak_rss()
+    out = {"total_s": total, "bytes": nbytes, "rss_before": rss0, "peak_rss": peak, "peak_rss_delta": peak - rss0}
+    return {**out, "drop": None}
+
+
 def run_case(case: dict) -> dict:
     """One case in this fresh process (bench_load's worker; "before" swaps in the mapped conversion)."""
+    if case["kind"] == "touch":
+        return touch_case(case)
     if case.pop("before", False):
         from wan_local.weights import loading
 
@@ -121,12 +148,14 @@ def build_cases(args: argparse.Namespace, folders: dict[str, Path], device: str)
         {**b16, "name": "raw-cold-bf16", "kind": "raw", "cold": True},
         {**b16, "name": "bf16-cold", "kind": "load", "cold": True, "raw": "raw-cold-bf16"},
     ]
+    touch = {"device": device, "name": "touch-bf16", "kind": "touch", "config": bench_load.dit_config(args)}
+    cases.append({**touch, "files": [], "cold": False})
     if not args.skip_quant:
         cache = str(args.workdir / "quant-cache")
         q = {**base, "dtype": "bf16", "cache": cache, "cold": True, "raw": "raw-cold-fp32"}
         cases.append({**q, "name": "int8-first-start-cold", "kind": "quant-first"})
         cases.append({**q, "name": "int8-second-start-cold", "kind": "quant-second", "extra_files": f32_files})
-    return cases
+    return [c for c in cases if not args.only or c["name"] in args.only]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the checkpoints for the next run (else deleted)")
     p.add_argument("--skip-before", action="store_true", help="leave out the loader-before comparison")
     p.add_argument("--skip-quant", action="store_true")
+    p.add_argument("--only", nargs="+", help="run only these cases (names as logged)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -167,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary["raw_case"] = case["raw"]
                 summary["load_over_raw_best"] = summary["gb_per_s_best"] / raw["gb_per_s_best"]
                 summary["load_over_raw_median"] = summary["gb_per_s_median"] / raw["gb_per_s_median"]
-            if case["kind"] != "raw":
+            if case["kind"] not in ("raw", "touch"):
                 limit = bound if case["kind"] == "load" else sizes["int8_bytes"] + sizes["block_bf16_bytes"]
                 summary["bound_bytes"] = limit
                 summary["peak_over_bound"] = summary["peak_rss_delta_max"] / limit

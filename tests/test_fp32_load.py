@@ -256,5 +256,5 @@ def test_a_long_read_says_what_it_does_and_how_long_it_takes(tiny, monkeypatch, 
         read_tensors(list(open_sharded_safetensors(tiny / SHARDED).values()), torch.bfloat16, chunk_bytes=4096)
     text = caplog.text
     assert "reading float32 weights from" in text and "converting to bfloat16" in text and "GB to read" in text
-    assert "GB/s: about" in text and "s left" in text
+    assert "GB read at" in text and "GB/s: about" in text and "s left" in text
     assert "read 0.0 GB in" in text and "in memory" in text

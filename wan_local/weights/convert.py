@@ -35,6 +35,7 @@ BUFFERS = 2
 #: Loads reading at least this much say so in the log, with the measured speed and the time left.
 ANNOUNCE_BYTES = 1 << 30
 _ESTIMATE_AFTER_S = 2.0
+_PROGRESS_EVERY_S = 30.0
 
 
 class Reader(Protocol):
@@ -200,25 +201,32 @@ def read_tensors(
 
 class Progress:
     """Log lines for a long read (`ANNOUNCE_BYTES` or more): what is done first, then the speed measured over the
-    first seconds and the time left, then the totals. Quiet for smaller reads."""
+    first seconds and the time left (again every `_PROGRESS_EVERY_S`), then the totals. Quiet for smaller reads."""
 
     def __init__(self, total_bytes: int, doing: str) -> None:
         self.total_bytes = total_bytes
         self.loud = total_bytes >= ANNOUNCE_BYTES
         self.estimated = False
-        self.start = time.perf_counter()
+        self.start = self.last = time.perf_counter()
         if self.loud:
             log.info("%s: %.1f GB to read; the time this takes follows the disk's read speed", doing, total_bytes / 1e9)
 
     def update(self, done_bytes: int) -> None:
-        seconds = time.perf_counter() - self.start
-        if not self.loud or self.estimated or seconds < _ESTIMATE_AFTER_S or done_bytes >= self.total_bytes:
+        now = time.perf_counter()
+        seconds = now - self.start
+        if not self.loud or seconds < _ESTIMATE_AFTER_S or done_bytes >= self.total_bytes:
             return
-        self.estimated = True
+        if self.estimated and now - self.last < _PROGRESS_EVERY_S:
+            return
+        self.estimated, self.last = True, now
         rate = done_bytes / seconds
         left = self.total_bytes - done_bytes
         log.info(
-            "reading at %.2f GB/s: about %.0f s left for the remaining %.1f GB", rate / 1e9, left / rate, left / 1e9
+            "%.1f of %.1f GB read at %.2f GB/s: about %.0f s left",
+            done_bytes / 1e9,
+            self.total_bytes / 1e9,
+            rate / 1e9,
+            left / rate,
         )
 
     def finish(self, done_bytes: int, made_bytes: int) -> None:

@@ -25,6 +25,7 @@ from wan_local.memory.quant.numerics import (
     quantize_weight,
 )
 from wan_local.models.dit import DiTConfig, WanDiT
+from wan_local.weights.convert import as_tensor
 from wan_local.weights.loading import load_dit, read_dit
 
 # rel_l2 of the quantized tiny t2v DiT against the same model in fp32 on the golden dit_t2v inputs (CPU, fp32),
@@ -236,7 +237,7 @@ def test_meta_a14b_build_from_meta_state_dict() -> None:
 
 def _official_sd(path: Path) -> dict[str, torch.Tensor]:
     _, sd, _ = read_dit(path, torch.float32)
-    return {k: v.clone() for k, v in sd.items()}
+    return {k: as_tensor(v).clone() for k, v in sd.items()}
 
 
 def test_comfyui_fp8_scaled_kept_quantized(tmp_path: Path, t2v) -> None:
@@ -337,6 +338,7 @@ def test_cache_second_start_does_not_quantize(tmp_path: Path) -> None:
     second = cache.get_or_create(sources, "fp8", "all", build)
     assert len(calls) == 1
     assert set(first) == set(second) and second["blocks.0.ffn.0.weight"].dtype == torch.float8_e4m3fn
+    first, second = ({k: as_tensor(v) for k, v in sd.items()} for sd in (first, second))
     assert all(torch.equal(first[k].view(torch.uint8), second[k].view(torch.uint8)) for k in first)
     assert cache.load(sources, "int8", "all") is None  # another mode is another entry
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,7 +22,13 @@ from wan_local.models.text_encoder import TextEncoder
 from wan_local.models.vae21 import VAE21Config, WanVAE21
 from wan_local.models.vae22 import VAE22Config, WanVAE22
 from wan_local.weights import fp8, keymaps
-from wan_local.weights.files import StateDict, read_safetensors_metadata, read_sharded_safetensors, read_state_dict
+from wan_local.weights.convert import as_tensor, load_state_dict
+from wan_local.weights.files import (
+    open_safetensors,
+    open_sharded_safetensors,
+    read_safetensors_metadata,
+    read_state_dict,
+)
 from wan_local.weights.umt5 import prepare_umt5_state_dict
 
 log = logging.getLogger(__name__)
@@ -62,12 +68,20 @@ def non_finite_tensors(sd: Mapping[str, torch.Tensor], rows_per_chunk: int = 1 <
 
 
 def assign_checked(
-    factory: Callable[[], M], sd: Mapping[str, torch.Tensor], source: str, dtype: torch.dtype | None
+    factory: Callable[[], M],
+    sd: Mapping[str, Any],
+    source: str,
+    dtype: torch.dtype | None,
+    keep_dtype: Collection[str] = (),
 ) -> M:
     """Build `factory()` on the meta device, check `sd` against it key by key and assign its tensors.
 
-    Floating-point tensors are converted to `dtype` (None keeps the file's dtype). Nothing is copied when the file
-    dtype already matches: the parameters stay memory-mapped views of the file until moved to a device.
+    `sd` holds tensors or `files.StoredTensor`s (checked from their headers before any data is read).
+    Floating-point tensors are converted to `dtype` (None keeps the file's dtype), except those named in `keep_dtype`
+    (quantized weights and their scales). Nothing is copied when the file
+    dtype already matches: the parameters stay memory-mapped views of the file until moved to a device. StoredTensors
+    in another dtype are read and converted chunk by chunk (`weights.convert`): the peak is the converted model plus
+    a few chunk buffers, never the mapped source and its copy together.
     """
     with torch.device("meta"):
         model = factory()
@@ -98,12 +112,11 @@ def assign_checked(
             f"{source} does not match {type(model).__name__}: {'; '.join(problems)}. "
             "The file is probably for a different model or task, or damaged."
         )
-    bad = non_finite_tensors(sd)
+    converted, bad = load_state_dict(sd, dtype, check=non_finite_tensors, keep=keep_dtype)
     if bad:
         raise CheckpointError(
             f"{source} holds NaN or infinite values in {_list_some(bad, 3)}: the file is damaged; download it again"
         )
-    converted = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
     model.load_state_dict(converted, strict=True, assign=True)
     model.eval().requires_grad_(False)
     return model
@@ -196,8 +209,12 @@ def _metadata_hints(path: Path) -> dict[str, Any]:
         return {}
 
 
-def read_dit(path: Path, compute_dtype: torch.dtype) -> tuple[DiTConfig, StateDict, str]:
-    """(config, official-named state dict, format name) of a DiT folder or single file."""
+def read_dit(path: Path, compute_dtype: torch.dtype) -> tuple[DiTConfig, dict[str, Any], str]:
+    """(config, official-named state dict, format name) of a DiT folder or single file.
+
+    Values are `files.StoredTensor`s (headers only; `assign_checked` reads them), or tensors where a format is
+    converted on reading (scaled fp8, dequantized to `compute_dtype`).
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"DiT checkpoint {path} does not exist")
@@ -206,7 +223,7 @@ def read_dit(path: Path, compute_dtype: torch.dtype) -> tuple[DiTConfig, StateDi
         if not config_path.is_file():
             raise CheckpointError(f"{path} has no config.json; is this a DiT folder?")
         config = _read_json(config_path)
-        sd = read_sharded_safetensors(path, DIT_STEM)
+        sd = open_sharded_safetensors(path, DIT_STEM)
         class_name = config.get("_class_name", "")
         if class_name == "WanTransformer3DModel":
             return dit_config_from_diffusers(config), keymaps.dit_diffusers_to_official(sd), "diffusers"
@@ -215,9 +232,9 @@ def read_dit(path: Path, compute_dtype: torch.dtype) -> tuple[DiTConfig, StateDi
         raise CheckpointError(f"{config_path}: {class_name!r} is not a Wan DiT (WanModel)")
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: a single-file DiT must be .safetensors")
-    sd = keymaps.strip_prefix(read_state_dict(path))
+    sd = keymaps.strip_prefix(open_safetensors(path))
     if fp8.is_fp8_checkpoint(sd):
-        sd = fp8.dequantize_state_dict(sd, compute_dtype, source=str(path))
+        sd = fp8.dequantize_state_dict({k: as_tensor(v) for k, v in sd.items()}, compute_dtype, source=str(path))
     if "condition_embedder.time_proj.weight" in sd:
         sd = keymaps.dit_diffusers_to_official(sd)
     if "patch_embedding.weight" not in sd:

@@ -17,7 +17,8 @@ import torch
 
 from wan_local.errors import CheckpointError, InputError
 from wan_local.memory.quant.formats import quantized_layers
-from wan_local.weights.files import StateDict, read_safetensors, read_safetensors_metadata
+from wan_local.weights.convert import as_tensor, read_copy
+from wan_local.weights.files import open_safetensors, read_safetensors_metadata
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,10 @@ _ST_DTYPES = {
 }
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+def write_safetensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
     """Write a safetensors file one tensor at a time (RAM stays flat: no serialized copy of the whole dict), and
-    fsync it. Key order is sorted; the header is space-padded to 8 bytes as the format allows."""
+    fsync it. Key order is sorted; the header is space-padded to 8 bytes as the format allows. Values are tensors
+    or `files.StoredTensor`s (each read with plain reads just before it is written, then dropped)."""
     keys = sorted(tensors)
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
@@ -56,7 +58,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for key in keys:
-            t = tensors[key].detach().to("cpu").contiguous().reshape(-1)
+            t = read_copy(tensors[key]).detach().to("cpu").contiguous().reshape(-1)
             f.write(t.view(torch.uint8).numpy().data)  # zero-copy view of a CPU tensor's bytes
         f.flush()
         os.fsync(f.fileno())
@@ -93,8 +95,9 @@ class QuantCache:
         group = self._ident(sources, mode, scope, with_stat=False)[:12]
         return self.cache_dir / f"dit-{mode}-{scope}-{group}-{self.key(sources, mode, scope)[:16]}.safetensors"
 
-    def load(self, sources: Sequence[Path], mode: str, scope: str) -> StateDict | None:
-        """The cached state dict (memory-mapped), or None when absent or found broken (then it is deleted)."""
+    def load(self, sources: Sequence[Path], mode: str, scope: str) -> dict[str, Any] | None:
+        """The cached state dict (`files.StoredTensor`s: headers read, scales checked), or None when absent or found
+        broken (then it is deleted)."""
         path = self.path(sources, mode, scope)
         if not path.is_file():
             return None
@@ -102,11 +105,11 @@ class QuantCache:
             meta = read_safetensors_metadata(path)
             if meta.get("wan_local.key") != self.key(sources, mode, scope):
                 raise CheckpointError(f"metadata does not match (format {meta.get('wan_local.format')!r})")
-            sd = read_safetensors(path)
+            sd = open_safetensors(path)  # headers: quantized weights are used mapped, the rest read as needed
             if len(sd) != int(meta.get("wan_local.tensors", -1)):
                 raise CheckpointError(f"{len(sd)} tensors instead of {meta.get('wan_local.tensors')}")
             quantized_layers(sd, str(path))
-            scales = [v for k, v in sd.items() if k.endswith(".scale")]
+            scales = [as_tensor(v) for k, v in sd.items() if k.endswith(".scale")]
             if not all(bool(torch.isfinite(s).all()) and bool((s > 0).all()) for s in scales):
                 raise CheckpointError("a scale is not finite and positive")
         except (CheckpointError, ValueError) as exc:
@@ -122,7 +125,7 @@ class QuantCache:
         log.info("loaded quantized weights from cache %s", path)
         return sd
 
-    def store(self, sources: Sequence[Path], mode: str, scope: str, sd: Mapping[str, torch.Tensor]) -> Path | None:
+    def store(self, sources: Sequence[Path], mode: str, scope: str, sd: Mapping[str, Any]) -> Path | None:
         """Write `sd` atomically; returns the path, or None (logged) when the disk is full or not writable."""
         path = self.path(sources, mode, scope)
         size = sum(t.numel() * t.element_size() for t in sd.values())
@@ -148,8 +151,8 @@ class QuantCache:
         return path
 
     def get_or_create(
-        self, sources: Sequence[Path], mode: str, scope: str, build: Callable[[], StateDict]
-    ) -> StateDict:
+        self, sources: Sequence[Path], mode: str, scope: str, build: Callable[[], Mapping[str, Any]]
+    ) -> Mapping[str, Any]:
         """The cached state dict, or `build()` stored for next time and read back from the cache file.
 
         The first start computes with the very tensors later starts read (the memory-mapped cache file), not with
@@ -160,6 +163,15 @@ class QuantCache:
         cached = self.load(sources, mode, scope)
         if cached is not None:
             return cached
+        source_bytes = sum(Path(s).stat().st_size for s in sources)
+        log.info(
+            "first start with %s weights (scope %s) for these %.1f GB of files: quantizing them once and keeping the "
+            "result in %s, so that later starts read the smaller cache file instead",
+            mode,
+            scope,
+            source_bytes / 1e9,
+            self.cache_dir,
+        )
         sd = build()
         if self.store(sources, mode, scope, sd) is None:
             return sd  # disk full or read-only: this start computes from memory (logged by store)

@@ -33,7 +33,8 @@ from wan_local.memory.quant.numerics import (
 )
 from wan_local.models.dit import DiTConfig, WanDiT
 from wan_local.weights import fp8, keymaps
-from wan_local.weights.files import StateDict, read_safetensors_metadata, read_state_dict
+from wan_local.weights.convert import Progress, as_tensor, read_copy
+from wan_local.weights.files import StateDict, StoredTensor, open_safetensors, read_safetensors_metadata
 from wan_local.weights.loading import assign_checked, dit_config_from_state_dict, read_dit
 
 if TYPE_CHECKING:
@@ -44,22 +45,38 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------- state-dict formats
 
 
-def quantized_state_dict(sd: Mapping[str, torch.Tensor], mode: str, scope: str = "all") -> StateDict:
+def quantized_state_dict(sd: Mapping[str, Any], mode: str, scope: str = "all", source: str = "") -> dict[str, Any]:
     """Official-named high-precision state dict -> ours: target `<layer>.weight` quantized, `<layer>.scale` added.
 
-    Layer by layer: every other tensor is passed through untouched (memory-mapped tensors stay unread), so peak
-    RAM is the quantized weights plus one layer's float32 temporaries.
+    Layer by layer: a `files.StoredTensor` target is read into its own memory with plain reads (nothing stays
+    mapped), quantized and dropped; every other entry is passed through untouched (StoredTensors stay unread), so
+    peak RAM is the quantized weights plus one layer in its stored dtype and its float32 temporaries.
     """
     check_mode(mode, scope)
-    out: StateDict = {}
+    out: dict[str, Any] = {}
+    targets = {}
     for key, value in sd.items():
         layer, _, leaf = key.rpartition(".")
         if value.dtype in QUANT_DTYPES or leaf == "scale" or key.endswith(fp8.SCALE_SUFFIXES):
             raise CheckpointError(f"{key} is already quantized ({value.dtype}); load the file as it is instead")
         if leaf == "weight" and is_quant_target(layer, scope):
-            out[key], out[f"{layer}.scale"] = quantize_weight(value, mode, key)
-        else:
+            targets[key] = layer
+    stored_bytes = sum(sd[k].nbytes for k in targets if isinstance(sd[k], StoredTensor))
+    progress = Progress(stored_bytes, f"quantizing {source or 'the DiT'} to {mode} layer by layer")
+    done = made = 0
+    for key, value in sd.items():
+        layer = targets.get(key)
+        if layer is None:
             out[key] = value
+            continue
+        weight = read_copy(value)  # the stored bytes of one layer, read now and dropped after quantizing
+        out[key], out[f"{layer}.scale"] = quantize_weight(weight, mode, key)
+        if isinstance(value, StoredTensor):
+            done += value.nbytes
+            made += out[key].numel() * out[key].element_size()
+            progress.update(done)
+        del weight
+    progress.finish(done, made)
     return out
 
 
@@ -175,11 +192,11 @@ def as_quantized_state_dict(
     if any(k.endswith(".scale") for k in sd):
         return dict(sd)
     if is_quanto_checkpoint(sd):
-        qsd = quanto_state_dict(sd, source=source)
+        qsd = quanto_state_dict({k: as_tensor(v) for k, v in sd.items()}, source=source)
     elif fp8.is_fp8_checkpoint(sd):
-        qsd = scaled_fp8_state_dict(sd, source)
+        qsd = scaled_fp8_state_dict({k: as_tensor(v) for k, v in sd.items()}, source)
     else:
-        return quantized_state_dict(sd, mode, scope)
+        return quantized_state_dict(sd, mode, scope, source)
     kept = sorted({str(v.dtype) for k, v in qsd.items() if k.endswith(".weight") and v.dtype in QUANT_DTYPES})
     log.info("%s is pre-quantized (%s): kept as stored instead of %s / %s", source, ", ".join(kept), mode, scope)
     return qsd
@@ -268,13 +285,12 @@ def build_quantized_dit(
         return model
 
     stored = {f"{layer}.{leaf}" for layer in layers for leaf in ("weight", "scale")}
-    converted = {k: v if k in stored or not v.is_floating_point() else v.to(dtype) for k, v in qsd.items()}
-    return assign_checked(skeleton, converted, source, None)
+    return assign_checked(skeleton, qsd, source, dtype, keep_dtype=stored)
 
 
 def _read_single_file(path: Path) -> tuple[DiTConfig, StateDict, str]:
     """(config, official-named state dict with quantized tensors as stored, format) of a one-file DiT."""
-    sd = keymaps.strip_prefix(read_state_dict(path))
+    sd = keymaps.strip_prefix(open_safetensors(path))
     meta = read_safetensors_metadata(path)
     hints: dict[str, Any] = {}
     with contextlib.suppress(ValueError):  # a foreign or broken config blob only loses the hints
@@ -284,9 +300,12 @@ def _read_single_file(path: Path) -> tuple[DiTConfig, StateDict, str]:
         sd = keymaps.dit_diffusers_to_official(sd)
     fmt = "comfyui"
     if is_quanto_checkpoint(sd):
-        sd, fmt = quanto_state_dict(sd, read_quanto_map(path), str(path)), "quanto"
+        sd, fmt = (
+            quanto_state_dict({k: as_tensor(v) for k, v in sd.items()}, read_quanto_map(path), str(path)),
+            "quanto",
+        )
     elif fp8.is_fp8_checkpoint(sd):
-        sd, fmt = scaled_fp8_state_dict(sd, str(path)), "comfyui-fp8"
+        sd, fmt = scaled_fp8_state_dict({k: as_tensor(v) for k, v in sd.items()}, str(path)), "comfyui-fp8"
     if "patch_embedding.weight" not in sd:
         raise CheckpointError(f"{path} is not a Wan DiT file (it has no patch_embedding.weight)")
     return dit_config_from_state_dict(sd, hints if isinstance(hints, dict) else {}), sd, fmt
@@ -346,6 +365,8 @@ def load_quantized_dit(
         raise CheckpointError(f"{path} holds a {cfg.model_type!r} model but this task needs {expected_model_type!r}")
     sd = raw
     if cache is not None and fmt not in ("comfyui-fp8", "quanto"):  # pre-quantized files load as fast as a cache
-        sd = cache.get_or_create(source_files(path), mode, scope, lambda: quantized_state_dict(raw, mode, scope))
+        sd = cache.get_or_create(
+            source_files(path), mode, scope, lambda: quantized_state_dict(raw, mode, scope, str(path))
+        )
     log.info("loading %s DiT from %s with %s weights (scope %s)", fmt, path, mode, scope)
     return build_quantized_dit(cfg, sd, mode, scope, dtype, compute=compute, source=str(path))

@@ -10,10 +10,14 @@ dequantizes fp8_scaled with `weights.fp8`):
 - fp8_scaled: every block Linear weight in float8_e4m3fn with one float32 `scale_weight` = absmax / 448 per layer
   (ComfyUI's scaled-fp8 encoding, fact sheet §3.3), the rest fp32.
 
+- GGUF Q8_0 / Q4_K_M: written as city96's converter + llama-quantize lay them out (tests/gguf_files.py, gguf-py's
+  writer; Q8_0 by gguf-py's quantizer, Q4_K / Q6_K by the tests' plain round-to-nearest encoders, which are no
+  better than llama-quantize's searched scales: the numbers are upper bounds) and run by the project's GGUF
+  layers. Q6_K and Q5_K_M have no encoder here and stay "not measured".
+
 Reported per variant: rel. L2 of the block Linear weights against fp32, and rel. L2 of the DiT output against the
-golden `dit_t2v` output of the official code (same inputs). GGUF quants are reported as not measured while the
-project has no GGUF dequantizer of its own in this branch (an independent library's numbers would not describe
-what this app runs). Writes benchmarks/results/variant-quality-<date>.json.
+golden `dit_t2v` output of the official code (same inputs). Needs gguf-py (the test extra).
+Writes benchmarks/results/variant-quality-<date>.json.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from gguf_files import write_gguf_dit  # noqa: E402
 
 from wan_local.weights.loading import load_dit  # noqa: E402
 
@@ -73,14 +80,20 @@ def main() -> int:
     sd = official_sd(expert)
     config = json.loads((expert / "config.json").read_text())
     results: dict[str, dict] = {}
+    linears = [k for k in sd if LINEAR.fullmatch(k)]
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in ("fp32", "bf16", "fp16", "fp8_scaled"):
-            path = Path(tmp) / f"wan2.2_t2v_high_noise_14B_{variant}.safetensors"
-            write_variant(sd, variant, path, config)
-            model = load_dit(path, expected_model_type="t2v")
-            loaded = model.state_dict()
-            linears = [k for k in sd if LINEAR.fullmatch(k)]
-            flat = [torch.cat([w[k].flatten() for k in linears]) for w in (loaded, sd)]
+        for variant in ("fp32", "bf16", "fp16", "fp8_scaled", "gguf-Q8_0", "gguf-Q4_K_M"):
+            if variant.startswith("gguf-"):
+                path = Path(tmp) / f"Wan2.2-T2V-A14B-HighNoise-{variant[5:]}.gguf"
+                stored = write_gguf_dit(path, expert, variant[5:])  # the values as stored, decoded by gguf-py
+                model = load_dit(path, expected_model_type="t2v")
+                weights = stored
+            else:
+                path = Path(tmp) / f"wan2.2_t2v_high_noise_14B_{variant}.safetensors"
+                write_variant(sd, variant, path, config)
+                model = load_dit(path, expected_model_type="t2v")
+                weights = model.state_dict()
+            flat = [torch.cat([w[k].float().flatten() for k in linears]) for w in (weights, sd)]
             weight_err = rel_l2(*flat)
             with torch.inference_mode():
                 out = model(golden["x"][None], golden["t"], [golden["context"]])
@@ -90,8 +103,8 @@ def main() -> int:
             }
             out_err = results[variant]["dit_output_rel_l2_vs_golden"]
             print(f"{variant:>10}: weights rel L2 {weight_err:.2e}, DiT output rel L2 {out_err:.2e}")
-    for qt in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"):
-        results[f"gguf-{qt}"] = {"not_measured": "no GGUF dequantizer of the project's own in this branch"}
+    for qt in ("Q6_K", "Q5_K_M"):
+        results[f"gguf-{qt}"] = {"not_measured": "no encoder for this recipe in tests/gguf_files.py"}
     out = {
         "benchmark": "variant_quality",
         "fixture": "wan22-tiny t2v-A14B high_noise_model (dim 64, 2 layers) + golden dit_t2v",

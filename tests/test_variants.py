@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 from comfy_files import write_comfy_dit, write_comfy_text_encoder, write_comfy_vae
+from conftest import REPO_ROOT
 
 from wan_local.machine import GIB, MachineInfo
 from wan_local.models_catalog import COMFY_REPO, KNOWN_BYTES, get_variant, recommend, variants
@@ -88,8 +89,22 @@ def test_variants_name_the_published_files_and_place_them_as_comfyui_does() -> N
     assert get_variant("t2v-A14B", "comfy-fp8_scaled").known_bytes() is None
     assert KNOWN_BYTES["wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"] == 14_300_000_000
     assert default_download_dir("/h", "t2v-A14B", "gguf-Q4_K_M") == Path("/h/models/Wan2.2-T2V-A14B-gguf-Q4_K_M")
-    assert "not measured" in get_variant("t2v-A14B", "gguf-Q4_K_M").quality
-    assert "1.2e-2" in get_variant("t2v-A14B", "comfy-fp8_scaled").quality
+
+
+def test_quality_lines_cite_the_committed_measurement() -> None:
+    """Each variant's quality line states the DiT output error the newest bench_variant_quality result measured
+    for it, or says it was not measured: the Models tab never shows a number the benchmark did not produce."""
+    import json
+
+    newest = sorted((REPO_ROOT / "benchmarks" / "results").glob("variant-quality-*.json"))[-1]
+    measured = json.loads(newest.read_text())["results"]
+    for variant in variants("t2v-A14B"):
+        key = {"official": "bf16", "comfy-fp16": "fp16", "comfy-fp8_scaled": "fp8_scaled"}.get(variant.key, variant.key)
+        result = measured[key]
+        if "not_measured" in result:
+            assert "not measured" in variant.quality, variant.key
+        else:
+            assert f"{result['dit_output_rel_l2_vs_golden']:.1e}".replace("e-0", "e-") in variant.quality, variant.key
 
 
 @pytest.mark.parametrize(

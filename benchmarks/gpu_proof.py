@@ -9,8 +9,9 @@ Stages, in priority order (gpu_proof_stages.py; they re-use the other benchmarks
                   peak VRAM vs `wan-local estimate`; bf16 vs int8 / fp8 FFN Linear (speed ratio, rel. L2)
   3 a14b_job      one t2v-A14B job on random ComfyUI fp8 files (written to --out/scratch, deleted after):
                   480p, 81 frames, 2 steps; wall per stage, expert switch, peak VRAM / RAM vs the estimate
-  4 vs_diffusers  diffusers' group offloading side by side (skipped when diffusers is not importable)
-  5 ti2v_720p     TI2V-5B 720p x 121: one DiT forward and the tiled VAE decode under a 16 GB cap
+  4 gguf_dequant  one real-size A14B block in GGUF Q8_0 / Q4_K_M: dequantize on the GPU vs the block's matmuls
+  5 vs_diffusers  diffusers' group offloading side by side (skipped when diffusers is not importable)
+  6 ti2v_720p     TI2V-5B 720p x 121: one DiT forward and the tiled VAE decode under a 16 GB cap
 
 The whole run keeps to --budget-s: before a stage starts its estimated duration is compared with what is left,
 and it is skipped (recorded with the reason) when it would overrun. A stage that raises is recorded with its
@@ -43,6 +44,7 @@ STAGES: list[tuple[str, Callable[[stages.Ctx], dict], float, float]] = [
     ("correctness", stages.correctness, 90, 40),
     ("a14b_forward", stages.a14b_forward, 120, 30),
     ("a14b_job", stages.a14b_job, 200, 40),
+    ("gguf_dequant", stages.gguf_dequant, 30, 10),
     ("vs_diffusers", stages.vs_diffusers, 150, 20),
     ("ti2v_720p", stages.ti2v_720p, 60, 20),
 ]

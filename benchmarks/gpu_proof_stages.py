@@ -340,6 +340,28 @@ def ti2v_720p(ctx: Ctx) -> dict:
     return result
 
 
+def gguf_dequant(ctx: Ctx) -> dict:
+    """One real-size A14B block of GGUF weights (Q8_0, Q4_K_M): dequantizing its packed Linears on the device
+    against the block's matmuls at 480p x 81 frames (bench_gguf.py); toy sizes on the CPU in a dry run."""
+    import argparse
+
+    import bench_gguf
+
+    if ctx.cuda and not ctx.dry_run:
+        device, args = torch.device("cuda"), argparse.Namespace(dim=5120, ffn=13824, tokens=bench_gguf.REAL_TOKENS)
+    else:
+        device, args = torch.device("cpu"), argparse.Namespace(dim=512, ffn=1536, tokens=64)
+    args.repeats = 3
+    blocks = [bench_gguf.bench_block(ftype, args, device, torch.bfloat16) for ftype in ("Q8_0", "Q4_K_M")]
+    ratios = ", ".join(f"{b['ftype']} {b['dequant_over_matmul_at_real_tokens']:.3f}" for b in blocks)
+    return {
+        "device": str(device),
+        "args": vars(args),
+        "blocks": blocks,
+        "summary": f"dequant / matmul of one block at {bench_gguf.REAL_TOKENS} tokens: {ratios} ({device})",
+    }
+
+
 def _toy_vae_decode(bench_vae: types.ModuleType, cfg) -> dict:
     """The toy Wan2.2 VAE decoding a small latent in 2x2 tiles on the CPU (the tiled path, in seconds)."""
     from wan_local.memory.vae_tiling import tiled_decode

@@ -15,7 +15,6 @@ weights "dequantized offline").
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -24,11 +23,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from comfy_files import official_dit_sd
 from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType
-from safetensors.torch import load_file
 
-DIT_STEM = "diffusion_pytorch_model"
 BLOCK_LINEAR = re.compile(r"blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]\.weight|blocks\.\d+\.ffn\.[02]\.weight")
 Q6_K_IN_Q4_K_M = re.compile(r".*\.v\.weight|.*ffn\.2\.weight")
 FILE_TYPES = {"Q8_0": LlamaFileType.MOSTLY_Q8_0, "Q4_K_M": LlamaFileType.MOSTLY_Q4_K_M}
@@ -93,15 +91,6 @@ _ENCODERS = {
 
 
 # --------------------------------------------------------------------------------------------- DiT files
-
-
-def official_dit_sd(folder: Path) -> dict[str, torch.Tensor]:
-    """Tensors of an official DiT folder as stored (one file or the shards of the index)."""
-    index = folder / f"{DIT_STEM}.safetensors.index.json"
-    if not index.is_file():
-        return load_file(str(folder / f"{DIT_STEM}.safetensors"))
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}
 
 
 def block_type(name: str, ftype: str) -> Q:

@@ -93,7 +93,10 @@ def test_variants_recommendation_and_quality(make_ctx):  # noqa: F811
     assert choices[0][0].endswith(" GB (size from the fact sheet)")
     assert models.recommendation("t2v-A14B").startswith("Recommended for this PC (24 GiB VRAM, 64 GiB RAM) (preset '")
     info = models.variant_info("t2v-A14B", "gguf-Q4_K_M")
-    assert "not measured" in info and "`diffusion_models/Wan2.2-T2V-A14B-HighNoise-Q4_K_M.gguf`" in info
+    assert (
+        "DiT output rel. L2 at most 2.7e-2" in info
+        and "`diffusion_models/Wan2.2-T2V-A14B-HighNoise-Q4_K_M.gguf`" in info
+    )
 
 
 def test_a_variant_download_becomes_the_folder_with_its_files_picked(make_ctx, hub, tmp_path):  # noqa: F811

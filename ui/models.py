@@ -71,7 +71,9 @@ class ModelsHandlers:
         rows = ["| file | what | format | size | used |", "|---|---|---|---|---|"]
         for f in found:
             fmt = " ".join(p for p in (f.layout, f.precision) if p) or "—"
-            what = f"⚠ {f.problem}" if f.problem else f.what().split(", ")[0]
+            # What else a file holds (e.g. "carries its tokenizer (spiece_model)"); how it was classified stays out.
+            note = f" · {f.note}" if f.note and "by name" not in f.note else ""
+            what = f"⚠ {f.problem}" if f.problem else f.what().split(", ")[0] + note
             size = _size(f.size_bytes)
             mark = "✓" if f.path.absolute() in used else ""
             rows.append(f"| `{f.name(root)}` | {what} | {fmt} | {size} | {mark} |")
@@ -270,7 +272,9 @@ def build_models_tab(ctx: AppContext) -> ModelsHandlers:
             )  # fmt: skip
             use_btn = gr.Button("Use this folder", size="sm", elem_id=f"models-use-{slug}")
             files = gr.Markdown(handlers.files_table(task), elem_id=f"models-files-{slug}")
-            with gr.Accordion("Which file for which role (where several fit)", open=False):
+            with gr.Accordion(
+                "Which file for which role (where several fit)", open=False, elem_id=f"models-picks-{slug}"
+            ):
                 options = handlers.pick_options(task)
                 picks = [
                     gr.Dropdown(

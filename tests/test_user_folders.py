@@ -54,3 +54,66 @@ def test_a_file_named_as_the_candidate_list_names_it_is_found(two_highs: Path, t
     settings = job_settings_from_args(build_parser().parse_args([*argv, "--file", f"high_noise={listed}"]))
     picks = resolve_picks(two_highs, get_task("t2v-A14B"), found, settings.files)
     assert picks[HIGH] == two_highs / listed
+
+
+# ------------------------------------------------------------------------------------------------ a ComfyUI models/
+
+
+@pytest.fixture(scope="module")
+def comfy_models(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ComfyUI models/ folder of someone who also runs Wan2.1 I2V and Flux: the t2v fp8_scaled files, plus
+    `clip_vision/clip_vision_h.safetensors` (HF CLIP vision names: `vision_model.embeddings.patch_embedding.weight`
+    is a 4-D Conv2d) and Flux's `text_encoders/t5xxl_fp16.safetensors` (HF-T5 names like UMT5's, but a T5 v1.1
+    keeps its relative position bias in block 0 only, where UMT5 has one in every block, spec §3.3)."""
+    import torch
+    from comfy_files import write_comfy_folder
+    from safetensors.torch import load_file, save_file
+
+    root = write_comfy_folder(tmp_path_factory.mktemp("models"), tiny, "t2v-A14B", "fp8_scaled", "fp8_scaled")
+    umt5 = load_file(str(root / "text_encoders" / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"))
+    t5 = {
+        k: v.float().half()
+        for k, v in umt5.items()
+        if k != "spiece_model" and not k.endswith(("scale_weight", "scaled_fp8"))
+        and ("relative_attention_bias" not in k or k.startswith("encoder.block.0."))
+    }  # fmt: skip
+    save_file(t5, str(root / "text_encoders" / "t5xxl_fp16.safetensors"))
+    clip = {
+        "vision_model.embeddings.patch_embedding.weight": torch.randn(32, 3, 14, 14, dtype=torch.float16),
+        "vision_model.embeddings.class_embedding": torch.randn(32, dtype=torch.float16),
+        "vision_model.post_layernorm.weight": torch.ones(32, dtype=torch.float16),
+        "visual_projection.weight": torch.randn(16, 32, dtype=torch.float16),
+    }
+    (root / "clip_vision").mkdir()
+    save_file(clip, str(root / "clip_vision" / "clip_vision_h.safetensors"))
+    return root
+
+
+def test_other_models_of_a_comfyui_folder_are_not_taken_for_wan_files(comfy_models: Path) -> None:
+    from wan_local.specs import get_task
+    from wan_local.weights.inventory import TEXT_ENCODER, UNKNOWN, scan_folder
+    from wan_local.weights.layout import find_checkpoints
+
+    roles = {f.name(comfy_models): f.role for f in scan_folder(comfy_models)}
+    assert roles["clip_vision/clip_vision_h.safetensors"] == UNKNOWN
+    assert roles["text_encoders/t5xxl_fp16.safetensors"] == UNKNOWN
+    assert roles["text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors"] == TEXT_ENCODER
+    files = find_checkpoints(comfy_models, get_task("t2v-A14B"))  # one UMT5 candidate: no choice asked
+    assert files.text_encoder.name == "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+
+
+def test_a_t5_that_is_not_umt5_is_named_as_such(comfy_models: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from wan_local.errors import CheckpointError
+    from wan_local.specs import get_task
+    from wan_local.weights.layout import find_checkpoints
+
+    root = tmp_path / "flux-t5-only"
+    shutil.copytree(comfy_models, root, ignore=shutil.ignore_patterns("umt5_*"))
+    with pytest.raises(CheckpointError) as refused:
+        find_checkpoints(root, get_task("t2v-A14B"))
+    message = str(refused.value)
+    assert "lacks what t2v-A14B needs: the UMT5-XXL text encoder" in message
+    assert "text_encoders/t5xxl_fp16.safetensors: not a Wan2.2 file, fp16 (a T5 text encoder, not UMT5" in message
+    assert "tokenizer" not in message

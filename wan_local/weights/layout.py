@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from wan_local.errors import CheckpointError
 from wan_local.specs import TaskSpec
+from wan_local.weights.inventory import is_dit_patch_embedding, is_umt5
 from wan_local.weights.tokenizer_source import carries_tokenizer
 
 HIGH, LOW, SINGLE = "high_noise", "low_noise", "model"
@@ -173,7 +174,7 @@ def _comfyui(root: Path, spec: TaskSpec) -> CheckpointSet:
     for path in files:
         header = _header(path)
         patch = _find_key(header, "patch_embedding.weight")
-        if patch is not None:
+        if is_dit_patch_embedding(patch):
             model_type = {16: "t2v", 36: "i2v", 48: "ti2v"}.get(patch[1])
             if model_type != spec.model_type:
                 continue
@@ -189,7 +190,7 @@ def _comfyui(root: Path, spec: TaskSpec) -> CheckpointSet:
             if z_shape is not None and z_shape[0] == spec.latent_channels and vae is None:
                 vae = path
             continue
-        if _find_key(header, "SelfAttention.relative_attention_bias.weight") and text_encoder is None:
+        if _find_key(header, "SelfAttention.relative_attention_bias.weight") and is_umt5(header) and not text_encoder:
             text_encoder = path
     wanted = [HIGH, LOW] if spec.two_experts else [SINGLE]
     missing = [f"a {spec.model_type} DiT file for the {role.replace('_', '-')} expert" for role in wanted]

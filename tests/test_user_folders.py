@@ -117,3 +117,25 @@ def test_a_t5_that_is_not_umt5_is_named_as_such(comfy_models: Path, tmp_path: Pa
     assert "lacks what t2v-A14B needs: the UMT5-XXL text encoder" in message
     assert "text_encoders/t5xxl_fp16.safetensors: not a Wan2.2 file, fp16 (a T5 text encoder, not UMT5" in message
     assert "tokenizer" not in message
+
+
+def test_gguf_experts_are_told_apart_by_the_same_names_as_the_run_uses(tiny: Path, tmp_path: Path) -> None:
+    """The Models tab's roles are those the run uses: 'high' / 'low' in the name, as for safetensors experts."""
+    from gguf_files import write_gguf_dit
+
+    from wan_local.errors import CheckpointError
+    from wan_local.specs import get_task
+    from wan_local.weights.inventory import LOW, scan_folder
+    from wan_local.weights.layout import find_checkpoints
+
+    root = tmp_path / "models"
+    (root / "unet").mkdir(parents=True)
+    for expert in ("high", "low"):
+        path = root / "unet" / f"wan22_t2v_{expert}-Q8_0.gguf"
+        write_gguf_dit(path, tiny / "t2v-A14B" / f"{expert}_noise_model", "Q8_0")
+    roles = {f.path.name: f.role for f in scan_folder(root)}
+    assert roles == {"wan22_t2v_high-Q8_0.gguf": HIGH, "wan22_t2v_low-Q8_0.gguf": LOW}
+    with pytest.raises(CheckpointError) as refused:
+        find_checkpoints(root, get_task("t2v-A14B"))
+    lacks = str(refused.value).split(" Found: ")[0]
+    assert "UMT5-XXL text encoder" in lacks and "DiT" not in lacks  # the experts are found, the rest is missing

@@ -241,12 +241,7 @@ def _classify_gguf(path: Path) -> FoundFile:
     kind = details.get("kind") or (
         "ti2v" if ("ti2v" in lower or "5b" in lower) else "i2v" if "i2v" in lower else "t2v" if "t2v" in lower else ""
     )
-    if "highnoise" in lower.replace("_", "") or "high_noise" in lower:
-        role = HIGH
-    elif "lownoise" in lower.replace("_", "") or "low_noise" in lower:
-        role = LOW
-    else:
-        role = SINGLE if kind == "ti2v" else EXPERT
+    role = SINGLE if kind == "ti2v" else _expert_from_name(path.name)  # as weights.layout tells them apart
     problem = "" if kind else "a GGUF file whose name says neither T2V, I2V nor TI2V"
     note = "role by name" if details.get("kind") else "by name"
     return FoundFile(path, "gguf", precision, role, kind, size, problem, note=note)

@@ -139,3 +139,34 @@ def test_gguf_experts_are_told_apart_by_the_same_names_as_the_run_uses(tiny: Pat
         find_checkpoints(root, get_task("t2v-A14B"))
     lacks = str(refused.value).split(" Found: ")[0]
     assert "UMT5-XXL text encoder" in lacks and "DiT" not in lacks  # the experts are found, the rest is missing
+
+
+# ------------------------------------------------------------------------------------------------ reads per job
+
+
+def test_a_gguf_header_is_parsed_once_per_job_start(tiny: Path, tmp_path: Path, monkeypatch) -> None:
+    """A job start asks for the GGUF headers from the inventory, the layout, the config reader, the planner and
+    the tokenizer: each file's header is parsed once while the file is unchanged, again when it changes."""
+    import os
+
+    from gguf_files import write_gguf_umt5
+
+    from wan_local.weights.gguf import reader
+    from wan_local.weights.gguf.tokenizer import read_gguf_tokenizer
+    from wan_local.weights.inventory import scan_folder
+    from wan_local.weights.tokenizer_source import tokenizer_source
+
+    t2v = tiny / "t2v-A14B"
+    path = tmp_path / "text_encoders" / "umt5-xxl-encoder-Q8_0.gguf"
+    path.parent.mkdir()
+    write_gguf_umt5(path, t2v / "models_t5_umt5-xxl-enc-bf16.pth", spiece_model=t2v / "google/umt5-xxl/spiece.model")
+    parses = []
+    monkeypatch.setattr(reader, "_parse", lambda *a, _parse=reader._parse: parses.append(a[1]) or _parse(*a))
+    scan_folder(tmp_path)
+    source = tokenizer_source(None, path)
+    first = source.identity()
+    assert source.identity() == first and read_gguf_tokenizer(path) is not None
+    assert parses == [path]
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000_000))  # a new download
+    assert tokenizer_source(None, path).identity() == first
+    assert parses == [path, path]

@@ -170,3 +170,27 @@ def test_a_gguf_header_is_parsed_once_per_job_start(tiny: Path, tmp_path: Path, 
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000_000))  # a new download
     assert tokenizer_source(None, path).identity() == first
     assert parses == [path, path]
+
+
+def test_a_saved_error_page_or_a_cut_download_says_to_download_again(comfy_models: Path, tmp_path: Path) -> None:
+    """A browser's '404' page saved under the GGUF name, a safetensors cut in the middle: one line naming the
+    file and what to do, before any model loads."""
+    import shutil
+
+    from wan_local.errors import CheckpointError
+    from wan_local.specs import get_task
+    from wan_local.weights.layout import find_checkpoints
+
+    root = tmp_path / "models"
+    shutil.copytree(comfy_models, root, ignore=shutil.ignore_patterns("t5xxl*", "clip_vision*"))
+    low = root / "diffusion_models" / "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"
+    with low.open("r+b") as f:
+        f.truncate(low.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match=r"low_noise_14B_fp8_scaled.safetensors .*download it again"):
+        find_checkpoints(root, get_task("t2v-A14B"))
+    low.unlink()
+    (root / "unet").mkdir()
+    page = root / "unet" / "Wan2.2-T2V-A14B-LowNoise-Q4_K_M.gguf"
+    page.write_text("<!DOCTYPE html><html><head><title>404 Not Found</title></head></html>")
+    with pytest.raises(CheckpointError, match=r"LowNoise-Q4_K_M.gguf is not a GGUF file .*download it again"):
+        find_checkpoints(root, get_task("t2v-A14B"))

@@ -159,7 +159,9 @@ def _header(path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except SafetensorError as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({exc}); download it again (the file is damaged or incomplete)"
+        ) from exc
 
 
 def _find_key(header: dict[str, tuple[int, ...]], suffix: str) -> tuple[int, ...] | None:

@@ -176,7 +176,7 @@ def _parse(buf: memoryview, path: Path, size: int) -> GGUFFile:
 def _parse_header(cur: _Cursor, path: Path, size: int) -> GGUFFile:
     magic = bytes(cur.take(4))
     if magic != MAGIC:
-        raise CheckpointError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+        raise CheckpointError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); {_REDOWNLOAD}")
     version = cur.scalar("<I")
     if version not in (2, 3):
         hint = " (a big-endian file?)" if version > 0xFFFF else ""

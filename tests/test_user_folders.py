@@ -194,3 +194,19 @@ def test_a_saved_error_page_or_a_cut_download_says_to_download_again(comfy_model
     page.write_text("<!DOCTYPE html><html><head><title>404 Not Found</title></head></html>")
     with pytest.raises(CheckpointError, match=r"LowNoise-Q4_K_M.gguf is not a GGUF file .*download it again"):
         find_checkpoints(root, get_task("t2v-A14B"))
+
+
+def test_an_embedded_tokenizer_is_read_once_per_job(comfy_models: Path, monkeypatch) -> None:
+    """The prompt-cache key needs the tokenizer's identity and a cache miss then loads it: one read of the
+    `spiece_model` bytes (a GGUF file's proto is rebuilt from 256,384 pieces), never of the encoder's weights."""
+    from wan_local.weights import tokenizer_source as ts
+
+    path = comfy_models / "text_encoders" / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+    kind = ts.EMBEDDED_TOKENIZERS[".safetensors"]
+    reads = []
+    counted = ts.EmbeddedTokenizer(kind.what, kind.carries, lambda p: reads.append(p) or kind.read(p))
+    monkeypatch.setitem(ts.EMBEDDED_TOKENIZERS, ".safetensors", counted)
+    source = ts.tokenizer_source(None, path)
+    identity = source.identity()
+    ids, _ = source.load()(["a fox"], max_length=8)
+    assert reads == [path] and len(identity) == 64 and ids[0, 0] != 0

@@ -117,6 +117,10 @@ def test_a_t5_that_is_not_umt5_is_named_as_such(comfy_models: Path, tmp_path: Pa
     assert "lacks what t2v-A14B needs: the UMT5-XXL text encoder" in message
     assert "text_encoders/t5xxl_fp16.safetensors: not a Wan2.2 file, fp16 (a T5 text encoder, not UMT5" in message
     assert "tokenizer" not in message
+    assert message.endswith(
+        "Add the missing files (the Models tab downloads Comfy-Org's and QuantStack's) or "
+        "download the complete Wan-AI/Wan2.2-T2V-A14B repository into another folder."
+    )
 
 
 def test_gguf_experts_are_told_apart_by_the_same_names_as_the_run_uses(tiny: Path, tmp_path: Path) -> None:

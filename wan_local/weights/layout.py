@@ -84,10 +84,15 @@ def _missing(root: Path, spec: TaskSpec, what: list[str], layout: str | None = N
 
     repo = _HOW_TO_GET[spec.name]
     seen = f" ({layout} layout)" if layout else ""
+    todo = f"Download the complete {repo} repository (or its -Diffusers version) into that folder."
+    if layout is None:  # single files (ComfyUI / GGUF): the missing ones can be added one by one
+        todo = (
+            "Add the missing files (the Models tab downloads Comfy-Org's and QuantStack's) or download the "
+            f"complete {repo} repository into another folder."
+        )
     return CheckpointError(
         f"{root}{seen} lacks what {spec.name} needs: {'; '.join(what)}. "
-        f"{found_summary(root, scan_folder(root), spec, layout)} "
-        f"Download the complete {repo} repository (or its -Diffusers version) into that folder."
+        f"{found_summary(root, scan_folder(root), spec, layout)} {todo}"
     )
 
 

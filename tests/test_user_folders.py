@@ -214,3 +214,22 @@ def test_an_embedded_tokenizer_is_read_once_per_job(comfy_models: Path, monkeypa
     identity = source.identity()
     ids, _ = source.load()(["a fox"], max_length=8)
     assert reads == [path] and len(identity) == 64 and ids[0, 0] != 0
+
+
+def test_files_sorted_into_sub_folders_of_comfyui_model_folders_are_found(comfy_models: Path, tmp_path: Path):
+    """ComfyUI lists `diffusion_models/Wan2.2/…` as it lists `diffusion_models/…`; so does the layout."""
+    import shutil
+
+    from wan_local.specs import get_task
+    from wan_local.weights.inventory import scan_folder
+    from wan_local.weights.layout import find_checkpoints
+
+    root = tmp_path / "models"
+    shutil.copytree(comfy_models, root, ignore=shutil.ignore_patterns("t5xxl*"))
+    (root / "diffusion_models" / "Wan2.2").mkdir()
+    for path in (root / "diffusion_models").glob("*.safetensors"):
+        path.rename(root / "diffusion_models" / "Wan2.2" / path.name)
+    roles = {f.name(root): f.role for f in scan_folder(root)}
+    assert roles["diffusion_models/Wan2.2/wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"] == HIGH
+    files = find_checkpoints(root, get_task("t2v-A14B"))
+    assert files.dit[HIGH] == root / "diffusion_models" / "Wan2.2" / "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"

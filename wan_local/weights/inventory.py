@@ -54,6 +54,8 @@ _OFFICIAL_PTH = {
 }
 _COMPONENT_DIRS = {"high_noise_model": HIGH, "low_noise_model": LOW, "transformer": HIGH, "transformer_2": LOW}
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+#: ComfyUI's model folders, whose sub-folders ComfyUI lists too (users sort files into them).
+COMFYUI_DIRS = ("diffusion_models", "unet", "text_encoders", "clip", "vae")
 _GGUF_QUANT = re.compile(r"(?:^|[-_.])(Q\d_K_[SML]|Q\d_K|Q\d_\d|IQ\d_\w+|BF16|F16|F32)(?=\.gguf$)", re.IGNORECASE)
 _MAX_HEADER = 100_000_000  # a safetensors header larger than this is not a real one
 #: A relative position bias past block 0 (HF names, or llama.cpp's in a GGUF): UMT5 has one in every block, a
@@ -319,9 +321,18 @@ def _tokenizer(folder: Path) -> FoundFile | None:
     return None
 
 
+def comfyui_files(folder: Path) -> list[Path]:
+    """The files of a sub-folder of a checkpoint folder; in ComfyUI's model folders (`COMFYUI_DIRS`) also those of
+    their sub-folders, as ComfyUI lists them (e.g. `diffusion_models/Wan2.2/…`)."""
+    paths = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    if folder.name in COMFYUI_DIRS:
+        paths += [p for d in paths if d.is_dir() for p in d.iterdir() if not p.name.startswith(".")]
+    return [p for p in paths if p.is_file()]
+
+
 def scan_folder(root: Path | str) -> list[FoundFile]:
-    """Every model file of `root` (its files and those one folder down; `google/umt5-xxl/` two down), sorted by
-    path. Shards inside a component folder count once, as the folder."""
+    """Every model file of `root` (its files and those one folder down, two in ComfyUI's model folders;
+    `google/umt5-xxl/` two down), sorted by path. Shards inside a component folder count once, as the folder."""
     root = Path(root).expanduser()
     if not root.is_dir():
         return []
@@ -344,7 +355,7 @@ def scan_folder(root: Path | str) -> list[FoundFile]:
         if token is not None:
             found.append(token)
             continue
-        for path in sorted(folder.iterdir()):
+        for path in sorted(comfyui_files(folder)):
             if path.is_file():
                 item = _classify_file(path)
                 if item is not None and item.role != INDEX:

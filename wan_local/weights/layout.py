@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from wan_local.errors import CheckpointError
 from wan_local.specs import TaskSpec
-from wan_local.weights.inventory import is_dit_patch_embedding, is_umt5
+from wan_local.weights.inventory import comfyui_files, is_dit_patch_embedding, is_umt5
 from wan_local.weights.tokenizer_source import carries_tokenizer
 
 HIGH, LOW, SINGLE = "high_noise", "low_noise", "model"
@@ -174,8 +174,9 @@ def _find_key(header: dict[str, tuple[int, ...]], suffix: str) -> tuple[int, ...
 
 
 def _comfyui(root: Path, spec: TaskSpec) -> CheckpointSet:
-    files = sorted({*root.glob("*.safetensors"), *root.glob("*/*.safetensors")})
-    files += sorted({*root.glob("*.gguf"), *root.glob("*/*.gguf")})  # GGUF DiTs (diffusion_models/, unet/)
+    below = [p for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") for p in comfyui_files(d)]
+    files = sorted({*root.glob("*.safetensors"), *(p for p in below if p.suffix == ".safetensors")})
+    files += sorted({*root.glob("*.gguf"), *(p for p in below if p.suffix == ".gguf")})  # diffusion_models/, unet/
     dits: dict[str, Path] = {}
     vae = text_encoder = None
     for path in files:

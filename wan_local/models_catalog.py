@@ -62,10 +62,7 @@ QUALITY: dict[str, str] = {
     "comfy-fp16": "fp16 weights: DiT output rel. L2 3.6e-4 vs fp32 on the fixture (weights 2.1e-4) — no visible loss",
     "comfy-fp8_scaled": "fp8 e4m3 weights with one scale per layer: DiT output rel. L2 1.2e-2 vs fp32 on the fixture "
     "(weights 2.6e-2) — small loss of detail",
-    **{
-        f"gguf-{qt}": f"GGUF {qt} quantization: not measured (the project has no GGUF dequantizer of its own yet)"
-        for qt in GGUF_QUANTS
-    },
+    **{f"gguf-{qt}": f"GGUF {qt} quantization: not measured on the fixture yet" for qt in GGUF_QUANTS},
 }
 
 

@@ -234,9 +234,10 @@ def _comfy_files(tiny: Path, root: Path, task: str, with_t5: bool = True) -> Pat
         save_file(sd, str(root / f"wan2.2_{task}_{expert}_noise_14B_fp16.safetensors"))
     save_file(torch.load(tiny / "t2v-A14B" / VAE21_FILE, weights_only=True), str(root / "wan_2.1_vae.safetensors"))
     if with_t5:
-        # Only the key name matters for detection; the layout reads headers, not tensors.
-        rel_bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-        save_file({rel_bias: torch.zeros(32, 2)}, str(root / "umt5_xxl_fp16.safetensors"))
+        # Only the key names matter for detection; the layout reads headers, not tensors. UMT5 keeps a relative
+        # position bias in every block (a T5 v1.1 in block 0 only).
+        rel_bias = "encoder.block.{}.layer.0.SelfAttention.relative_attention_bias.weight"
+        save_file({rel_bias.format(i): torch.zeros(32, 2) for i in (0, 1)}, str(root / "umt5_xxl_fp16.safetensors"))
     return root
 
 

@@ -34,7 +34,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="ROLE=PATH",
         help="where the folder holds several candidates, the file to use for ROLE (high_noise, low_noise, model, "
-        "text_encoder, vae); repeatable",
+        "text_encoder, vae), PATH as listed in the error (relative to --ckpt-dir) or any path; repeatable",
     )
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="", help="empty: the official default negative prompt")
@@ -117,8 +117,11 @@ _MEMORY_FLAGS = (
 )
 
 
-def parse_file_choices(items: list[str]) -> dict[str, str]:
-    """ "--file high_noise=a.safetensors" options -> {"high_noise": "<absolute path>"}; InputError for a bad one."""
+def parse_file_choices(items: list[str], ckpt_dir: Path | None = None) -> dict[str, str]:
+    """ "--file high_noise=a.safetensors" options -> {"high_noise": "<absolute path>"}; InputError for a bad one.
+
+    A relative PATH is taken from the current folder when it names a file there, else from `ckpt_dir` (the way
+    the candidate lists of the checkpoint errors name files)."""
     from wan_local.weights.inventory import PICKABLE
 
     choice: dict[str, str] = {}
@@ -126,7 +129,10 @@ def parse_file_choices(items: list[str]) -> dict[str, str]:
         role, sep, path = item.partition("=")
         if not sep or role.strip() not in PICKABLE or not path.strip():
             raise InputError(f"--file {item!r} must be ROLE=PATH with ROLE one of {', '.join(PICKABLE)}")
-        choice[role.strip()] = str(Path(path.strip()).expanduser().absolute())
+        chosen = Path(path.strip()).expanduser()
+        if not chosen.is_absolute() and not chosen.exists() and ckpt_dir is not None:
+            chosen = Path(ckpt_dir).expanduser() / chosen
+        choice[role.strip()] = str(chosen.absolute())
     return choice
 
 
@@ -141,8 +147,8 @@ def job_settings_from_args(args: argparse.Namespace):
 
     return JobSettings(
         **generation_fields(args),
-        ckpt_dir=str(args.ckpt_dir),
-        files=parse_file_choices(getattr(args, "file", [])),
+        ckpt_dir=str(Path(args.ckpt_dir).expanduser().absolute()),  # a queued job runs from the worker's folder
+        files=parse_file_choices(getattr(args, "file", []), args.ckpt_dir),
         device=args.device,
         dtype=args.dtype,
         preset=getattr(args, "preset", None),

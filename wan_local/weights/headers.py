@@ -55,7 +55,10 @@ def tensor_table(path: Path) -> dict[str, TensorInfo]:
                     part = f.get_slice(key)
                     table[key] = TensorInfo(tuple(part.get_shape()), str(part.get_dtype()))
         except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{file} is not a readable safetensors file ({exc})") from exc
+            raise CheckpointError(
+                f"{file} is not a readable safetensors file ({exc}); "
+                "download it again (the file is damaged or incomplete)"
+            ) from exc
     return table
 
 

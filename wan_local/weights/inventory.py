@@ -54,8 +54,26 @@ _OFFICIAL_PTH = {
 }
 _COMPONENT_DIRS = {"high_noise_model": HIGH, "low_noise_model": LOW, "transformer": HIGH, "transformer_2": LOW}
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+#: ComfyUI's model folders, whose sub-folders ComfyUI lists too (users sort files into them).
+COMFYUI_DIRS = ("diffusion_models", "unet", "text_encoders", "clip", "vae")
 _GGUF_QUANT = re.compile(r"(?:^|[-_.])(Q\d_K_[SML]|Q\d_K|Q\d_\d|IQ\d_\w+|BF16|F16|F32)(?=\.gguf$)", re.IGNORECASE)
 _MAX_HEADER = 100_000_000  # a safetensors header larger than this is not a real one
+#: A relative position bias past block 0 (HF names, or llama.cpp's in a GGUF): UMT5 has one in every block, a
+#: T5 v1.1 (Flux / SD3's t5xxl, same names otherwise) in block 0 only (spec §3.3).
+_UMT5_LATER_BIAS = re.compile(
+    r"(?:block\.[1-9]\d*\.layer\.0\.SelfAttention\.relative_attention_bias|blk\.[1-9]\d*\.attn_rel_b)\.weight$"
+)
+NOT_UMT5 = "a T5 text encoder, not UMT5: its relative position bias is in block 0 only (Flux / SD3's t5xxl)"
+
+
+def is_dit_patch_embedding(shape: Iterable[int] | None) -> bool:
+    """Whether a `...patch_embedding.weight` of this shape is a Wan DiT's (a 5-D Conv3d; CLIP vision's is 4-D)."""
+    return shape is not None and len(tuple(shape)) == 5
+
+
+def is_umt5(names: Iterable[str]) -> bool:
+    """Whether T5-encoder tensor names are UMT5's (a relative position bias in a block after the first)."""
+    return any(_UMT5_LATER_BIAS.search(name) for name in names)
 
 
 @dataclass(frozen=True)
@@ -157,7 +175,7 @@ def _classify_safetensors(path: Path) -> FoundFile:
         return FoundFile(path, "", "", UNKNOWN, "", size, f"not a readable safetensors file ({exc})")
     precision = _precision(header)
     patch = _find(header, "patch_embedding.weight")
-    if patch is not None and len(patch) >= 2:
+    if is_dit_patch_embedding(patch):
         kind = _PATCH_CHANNELS.get(patch[1], "")
         role = SINGLE if kind == "ti2v" else _expert_from_name(path.name)
         problem = "" if kind else f"a DiT with {patch[1]} input channels, which no Wan2.2 task has"
@@ -168,6 +186,8 @@ def _classify_safetensors(path: Path) -> FoundFile:
         problem = "" if kind else "a VAE of unknown latent channels"
         return FoundFile(path, "comfyui", precision, VAE, kind, size, problem)
     if _find(header, "SelfAttention.relative_attention_bias.weight"):
+        if not is_umt5(header):
+            return FoundFile(path, "", precision, UNKNOWN, "", size, note=NOT_UMT5)
         note = "carries its tokenizer (spiece_model)" if "spiece_model" in header else ""
         return FoundFile(path, "comfyui", precision, TEXT_ENCODER, "umt5", size, note=note)
     return FoundFile(path, "", precision, UNKNOWN, "", size)
@@ -197,8 +217,10 @@ def gguf_header_details(path: Path) -> dict[str, str] | None:
         return None
     counts = Counter(t.ggml_type.name for t in gf.tensors.values() if t.ggml_type.quantized)
     details = {"architecture": gf.architecture}
+    if gf.architecture == "t5encoder" and not is_umt5(gf.tensors):
+        details["architecture"] = "t5"  # a T5 v1.1 encoder, not UMT5
     patch = next((t for name, t in gf.tensors.items() if name.endswith("patch_embedding.weight")), None)
-    if patch is not None and len(patch.shape) > 1:
+    if patch is not None and is_dit_patch_embedding(patch.shape):
         details["kind"] = {16: "t2v", 36: "i2v", 48: "ti2v"}.get(patch.shape[1], "")
     if counts:
         details["quantized"] = counts.most_common(1)[0][0]
@@ -214,17 +236,14 @@ def _classify_gguf(path: Path) -> FoundFile:
     precision = precision or details.get("quantized", "")
     if details.get("architecture") == "t5encoder":
         return FoundFile(path, "gguf", precision, TEXT_ENCODER, "umt5", size)
-    if "umt5" in lower or "t5xxl" in lower:
+    if details.get("architecture") == "t5":
+        return FoundFile(path, "gguf", precision, UNKNOWN, "", size, note=NOT_UMT5)
+    if "umt5" in lower:
         return FoundFile(path, "gguf", precision, TEXT_ENCODER, "umt5", size, note="by name")
     kind = details.get("kind") or (
         "ti2v" if ("ti2v" in lower or "5b" in lower) else "i2v" if "i2v" in lower else "t2v" if "t2v" in lower else ""
     )
-    if "highnoise" in lower.replace("_", "") or "high_noise" in lower:
-        role = HIGH
-    elif "lownoise" in lower.replace("_", "") or "low_noise" in lower:
-        role = LOW
-    else:
-        role = SINGLE if kind == "ti2v" else EXPERT
+    role = SINGLE if kind == "ti2v" else _expert_from_name(path.name)  # as weights.layout tells them apart
     problem = "" if kind else "a GGUF file whose name says neither T2V, I2V nor TI2V"
     note = "role by name" if details.get("kind") else "by name"
     return FoundFile(path, "gguf", precision, role, kind, size, problem, note=note)
@@ -302,9 +321,18 @@ def _tokenizer(folder: Path) -> FoundFile | None:
     return None
 
 
+def comfyui_files(folder: Path) -> list[Path]:
+    """The files of a sub-folder of a checkpoint folder; in ComfyUI's model folders (`COMFYUI_DIRS`) also those of
+    their sub-folders, as ComfyUI lists them (e.g. `diffusion_models/Wan2.2/…`)."""
+    paths = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    if folder.name in COMFYUI_DIRS:
+        paths += [p for d in paths if d.is_dir() for p in d.iterdir() if not p.name.startswith(".")]
+    return [p for p in paths if p.is_file()]
+
+
 def scan_folder(root: Path | str) -> list[FoundFile]:
-    """Every model file of `root` (its files and those one folder down; `google/umt5-xxl/` two down), sorted by
-    path. Shards inside a component folder count once, as the folder."""
+    """Every model file of `root` (its files and those one folder down, two in ComfyUI's model folders;
+    `google/umt5-xxl/` two down), sorted by path. Shards inside a component folder count once, as the folder."""
     root = Path(root).expanduser()
     if not root.is_dir():
         return []
@@ -327,7 +355,7 @@ def scan_folder(root: Path | str) -> list[FoundFile]:
         if token is not None:
             found.append(token)
             continue
-        for path in sorted(folder.iterdir()):
+        for path in sorted(comfyui_files(folder)):
             if path.is_file():
                 item = _classify_file(path)
                 if item is not None and item.role != INDEX:

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from wan_local.errors import CheckpointError
 from wan_local.specs import TaskSpec
+from wan_local.weights.inventory import comfyui_files, is_dit_patch_embedding, is_umt5
 from wan_local.weights.tokenizer_source import carries_tokenizer
 
 HIGH, LOW, SINGLE = "high_noise", "low_noise", "model"
@@ -83,10 +84,15 @@ def _missing(root: Path, spec: TaskSpec, what: list[str], layout: str | None = N
 
     repo = _HOW_TO_GET[spec.name]
     seen = f" ({layout} layout)" if layout else ""
+    todo = f"Download the complete {repo} repository (or its -Diffusers version) into that folder."
+    if layout is None:  # single files (ComfyUI / GGUF): the missing ones can be added one by one
+        todo = (
+            "Add the missing files (the Models tab downloads Comfy-Org's and QuantStack's) or download the "
+            f"complete {repo} repository into another folder."
+        )
     return CheckpointError(
         f"{root}{seen} lacks what {spec.name} needs: {'; '.join(what)}. "
-        f"{found_summary(root, scan_folder(root), spec, layout)} "
-        f"Download the complete {repo} repository (or its -Diffusers version) into that folder."
+        f"{found_summary(root, scan_folder(root), spec, layout)} {todo}"
     )
 
 
@@ -158,7 +164,9 @@ def _header(path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except SafetensorError as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({exc}); download it again (the file is damaged or incomplete)"
+        ) from exc
 
 
 def _find_key(header: dict[str, tuple[int, ...]], suffix: str) -> tuple[int, ...] | None:
@@ -166,14 +174,15 @@ def _find_key(header: dict[str, tuple[int, ...]], suffix: str) -> tuple[int, ...
 
 
 def _comfyui(root: Path, spec: TaskSpec) -> CheckpointSet:
-    files = sorted({*root.glob("*.safetensors"), *root.glob("*/*.safetensors")})
-    files += sorted({*root.glob("*.gguf"), *root.glob("*/*.gguf")})  # GGUF DiTs (diffusion_models/, unet/)
+    below = [p for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") for p in comfyui_files(d)]
+    files = sorted({*root.glob("*.safetensors"), *(p for p in below if p.suffix == ".safetensors")})
+    files += sorted({*root.glob("*.gguf"), *(p for p in below if p.suffix == ".gguf")})  # diffusion_models/, unet/
     dits: dict[str, Path] = {}
     vae = text_encoder = None
     for path in files:
         header = _header(path)
         patch = _find_key(header, "patch_embedding.weight")
-        if patch is not None:
+        if is_dit_patch_embedding(patch):
             model_type = {16: "t2v", 36: "i2v", 48: "ti2v"}.get(patch[1])
             if model_type != spec.model_type:
                 continue
@@ -189,7 +198,7 @@ def _comfyui(root: Path, spec: TaskSpec) -> CheckpointSet:
             if z_shape is not None and z_shape[0] == spec.latent_channels and vae is None:
                 vae = path
             continue
-        if _find_key(header, "SelfAttention.relative_attention_bias.weight") and text_encoder is None:
+        if _find_key(header, "SelfAttention.relative_attention_bias.weight") and is_umt5(header) and not text_encoder:
             text_encoder = path
     wanted = [HIGH, LOW] if spec.two_experts else [SINGLE]
     missing = [f"a {spec.model_type} DiT file for the {role.replace('_', '-')} expert" for role in wanted]

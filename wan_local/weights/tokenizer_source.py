@@ -16,6 +16,7 @@ and the two are compared on probe texts; a disagreement is logged as one warning
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable
@@ -145,6 +146,12 @@ class TokenizerSource:
         return f"{self.embedded} ({EMBEDDED_TOKENIZERS[self.embedded.suffix].what})"
 
     def _proto(self) -> bytes:
+        return self._proto_bytes
+
+    @functools.cached_property
+    def _proto_bytes(self) -> bytes:
+        """Read once per source: `identity` and then, on a prompt-cache miss, `load` both need it (rebuilding a
+        GGUF file's 256,384-piece proto takes about a second)."""
         assert self.embedded is not None
         proto = EMBEDDED_TOKENIZERS[self.embedded.suffix].read(self.embedded)
         if proto is None:

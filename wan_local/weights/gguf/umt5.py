@@ -4,7 +4,7 @@ sheet §3.4) as a state dict under transformers' UMT5 names (§4.3), dequantized
 The encoder runs on the CPU once per prompt (and its embeddings are cached), so its weights are dequantized to the
 run dtype when the file loads, one tensor at a time (peak: the converted weights plus one tensor's float32
 temporaries, the file's pages mapped). The tokenizer such files carry as `tokenizer.ggml.*` key-values is rebuilt
-by `tokenizer.sentencepiece_model_from_gguf`; the layout does not use it yet (a tokenizer folder is still needed).
+by `tokenizer.sentencepiece_model_from_gguf` (`weights.tokenizer_source`: no tokenizer folder is needed).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from comfy_files import write_comfy_dit
 
+from wan_local.errors import CheckpointError
 from wan_local.weights.inventory import HIGH
 
 
@@ -233,3 +234,35 @@ def test_files_sorted_into_sub_folders_of_comfyui_model_folders_are_found(comfy_
     assert roles["diffusion_models/Wan2.2/wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"] == HIGH
     files = find_checkpoints(root, get_task("t2v-A14B"))
     assert files.dit[HIGH] == root / "diffusion_models" / "Wan2.2" / "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("name", "role"),
+    [
+        ("wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", "high_noise"),
+        ("Wan2.2-I2V-A14B-LowNoise-Q4_K_M.gguf", "low_noise"),
+        ("wan2.2_i2v_high_noise_14B_Q4_K_M.gguf", "high_noise"),
+        ("Wan2_2-T2V-A14B_HIGH_fp16.safetensors", "high_noise"),
+        ("wan22_t2v_low.safetensors", "low_noise"),
+        ("wan2.2_t2v_flow_14B_fp16.safetensors", "expert"),  # "flow" is not "low"
+        ("wan2.2_t2v_highres_14B_fp16.safetensors", "expert"),
+        ("wan2.2_t2v_high_to_low_14B.safetensors", "expert"),  # both words: the name says nothing
+    ],
+)
+def test_experts_are_told_apart_by_whole_words_of_the_file_name(tiny: Path, tmp_path: Path, name: str, role: str):
+    """The layout and the inventory agree on the expert a file name states, and read it from whole words only; a
+    name that states neither is found as an unnamed expert, not run as the low-noise one."""
+    from wan_local.specs import get_task
+    from wan_local.weights.inventory import expert_from_name, scan_folder
+    from wan_local.weights.layout import find_checkpoints
+
+    assert expert_from_name(name) == role
+    path = tmp_path / "diffusion_models" / name.replace(".gguf", ".safetensors")
+    write_comfy_dit(path, tiny / "t2v-A14B" / "high_noise_model", "fp16")
+    (found,) = [f for f in scan_folder(tmp_path) if f.path == path]
+    assert found.role == role
+    if role == "expert":
+        with pytest.raises(CheckpointError, match="high-noise expert"):
+            find_checkpoints(tmp_path, get_task("t2v-A14B"))
+        with pytest.raises(CheckpointError, match="rename it with the word high in its name"):
+            find_checkpoints(tmp_path, get_task("t2v-A14B"), {"high_noise": str(path)})

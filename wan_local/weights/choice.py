@@ -104,6 +104,9 @@ def resolve_picks(
                 )
             if match not in options[role]:
                 why = match.problem or f"it is a {match.what()}"
+                if match.role == EXPERT and role in (HIGH, LOW):
+                    word = "high" if role == HIGH else "low"
+                    why += f" — rename it with the word {word} in its name (e.g. …_{word}_noise_…) and pick it again"
                 raise CheckpointError(
                     f"{match.name(root)} cannot be the {ROLE_NAMES[role]} of {spec.name}: {why}; "
                     f"{_listing(root, options[role], role)}"

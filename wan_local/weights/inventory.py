@@ -177,7 +177,7 @@ def _classify_safetensors(path: Path) -> FoundFile:
     patch = _find(header, "patch_embedding.weight")
     if is_dit_patch_embedding(patch):
         kind = _PATCH_CHANNELS.get(patch[1], "")
-        role = SINGLE if kind == "ti2v" else _expert_from_name(path.name)
+        role = SINGLE if kind == "ti2v" else expert_from_name(path.name)
         problem = "" if kind else f"a DiT with {patch[1]} input channels, which no Wan2.2 task has"
         return FoundFile(path, "comfyui", precision, role, kind, size, problem)
     if _find(header, "decoder.conv1.weight") or _find(header, "decoder.conv_in.weight"):
@@ -193,13 +193,16 @@ def _classify_safetensors(path: Path) -> FoundFile:
     return FoundFile(path, "", precision, UNKNOWN, "", size)
 
 
-def _expert_from_name(name: str) -> str:
-    lower = name.lower()
-    if "high" in lower:
-        return HIGH
-    if "low" in lower:
-        return LOW
-    return EXPERT
+_NAME_WORDS = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z])(?=[A-Z])")
+
+
+def expert_from_name(name: str) -> str:
+    """HIGH or LOW for an A14B expert file named with the word "high" or "low" (Comfy-Org's `…_high_noise_…`,
+    QuantStack's `…-HighNoise-…`, `…_HIGH_fp16`), EXPERT when the name says neither or both. Whole words only:
+    "flow" or "highres" say nothing. Nothing inside an expert tells them apart (fact sheet §3.4)."""
+    words = {w.lower() for w in _NAME_WORDS.split(Path(name).stem) if w}
+    high, low = "high" in words, "low" in words
+    return HIGH if high and not low else LOW if low and not high else EXPERT
 
 
 def gguf_header_details(path: Path) -> dict[str, str] | None:
@@ -243,7 +246,7 @@ def _classify_gguf(path: Path) -> FoundFile:
     kind = details.get("kind") or (
         "ti2v" if ("ti2v" in lower or "5b" in lower) else "i2v" if "i2v" in lower else "t2v" if "t2v" in lower else ""
     )
-    role = SINGLE if kind == "ti2v" else _expert_from_name(path.name)  # as weights.layout tells them apart
+    role = SINGLE if kind == "ti2v" else expert_from_name(path.name)  # as weights.layout tells them apart
     problem = "" if kind else "a GGUF file whose name says neither T2V, I2V nor TI2V"
     note = "role by name" if details.get("kind") else "by name"
     return FoundFile(path, "gguf", precision, role, kind, size, problem, note=note)

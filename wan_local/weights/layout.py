@@ -5,7 +5,7 @@
 - diffusers (Wan-AI/Wan2.2-*-Diffusers): `model_index.json`, `transformer/` (high noise), `transformer_2/` (low
   noise), `vae/`, `text_encoder/`, `tokenizer/`.
 - ComfyUI single files, flat or in `diffusion_models/`, `text_encoders/`, `vae/` sub-folders; recognised by the
-  tensor names in their headers. Their high/low-noise experts are told apart by "high"/"low" in the file name,
+  tensor names in their headers. Their high/low-noise experts are told apart by the word "high"/"low" in the file name,
   as the published files are named (`…_high_noise_…`, QuantStack's GGUF `…-HighNoise-Q4_K_M.gguf`). GGUF DiTs
   (`diffusion_models/*.gguf`, `unet/*.gguf`) count as DiT files of this layout. The tokenizer travels inside the
   text-encoder file (`spiece_model`); a tokenizer folder next to the files is used when there is one.
@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from wan_local.errors import CheckpointError
 from wan_local.specs import TaskSpec
-from wan_local.weights.inventory import comfyui_files, is_dit_patch_embedding, is_umt5
+from wan_local.weights.inventory import comfyui_files, expert_from_name, is_dit_patch_embedding, is_umt5
 from wan_local.weights.tokenizer_source import carries_tokenizer
 
 HIGH, LOW, SINGLE = "high_noise", "low_noise", "model"
@@ -186,10 +186,10 @@ def _comfyui(root: Path, spec: TaskSpec) -> CheckpointSet:
             model_type = {16: "t2v", 36: "i2v", 48: "ti2v"}.get(patch[1])
             if model_type != spec.model_type:
                 continue
-            name = path.name.lower()
             role = SINGLE
             if spec.two_experts:
-                role = HIGH if "high" in name else LOW if "low" in name else ""
+                role = expert_from_name(path.name)
+                role = role if role in (HIGH, LOW) else ""
             if role and role not in dits:
                 dits[role] = path
             continue

@@ -94,7 +94,20 @@ def gguf_carries_tokenizer(path: Path) -> bool:
     return has_tokenizer(read_gguf(path))
 
 
+#: Rebuilt protos of the last few GGUF text encoders, by file identity: a real umt5-xxl vocabulary (256,384
+#: pieces) takes about a second to rebuild, and every job start asks for it (the prompt cache key).
+_PROTOS: dict[tuple, bytes | None] = {}
+_CACHED_PROTOS = 4
+
+
 def read_gguf_tokenizer(path: Path) -> bytes | None:
     """The sentencepiece ModelProto of the GGUF file at `path`, or None when it carries no tokenizer."""
-    gf = read_gguf(path)
-    return sentencepiece_model_from_gguf(gf) if has_tokenizer(gf) else None
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _PROTOS:
+        gf = read_gguf(path)
+        while len(_PROTOS) >= _CACHED_PROTOS:
+            _PROTOS.pop(next(iter(_PROTOS)))
+        _PROTOS[key] = sentencepiece_model_from_gguf(gf) if has_tokenizer(gf) else None
+    return _PROTOS[key]

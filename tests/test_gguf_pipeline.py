@@ -173,6 +173,10 @@ def test_a14b_q4_k_m_experts_are_planned_as_stored(tiny: Path, tmp_path: Path) -
     weights = plan.resident_block_bytes + plan.non_block_bytes
     print(f"GGUF Q4_K_M: {weights / 1e9:.2f} GB of weights resident, peak VRAM {estimate.peak_vram_bytes / 1e9:.2f} GB")
     assert plan.streamed_blocks == () and 9.6e9 < weights < 9_651_728_896
+    # The preset's int8 does not apply to GGUF experts, and the estimate says so instead of promising int8.
+    assert job.memory(job.requested).quant == "int8"
+    assert any("--quant int8 does not apply to them" in n for n in estimate.notes)
+    assert not any("int8 is weight storage only" in n for n in estimate.notes)
 
     as_bf16 = {k: TensorInfo(t.shape, "BF16") for k, t in job.checkpoint.dit_tensors.items()}
     bf16_job = dataclasses.replace(job, checkpoint=dataclasses.replace(job.checkpoint, dit_tensors=as_bf16))

@@ -428,7 +428,7 @@ def model_bytes_from_tensors(
     """
     if quant not in QUANT_MODES:
         raise InputError(f"quant={quant!r} is not one of {', '.join(QUANT_MODES)}")
-    prequantized = any(str(t.dtype) in _ONE_BYTE_DTYPES or _ggml_packed(t.dtype) for t in tensors.values())
+    prequantized = any(str(t.dtype) in _ONE_BYTE_DTYPES or ggml_packed(t.dtype) for t in tensors.values())
     targets = _QUANT_LINEARS[quant_scope] if quant != "none" and not prequantized else set()
     blocks: dict[int, int] = {}
     non_block = params = scratch = 0
@@ -442,7 +442,7 @@ def model_bytes_from_tensors(
         if str(info.dtype) in _ONE_BYTE_DTYPES:
             nbytes = n
             scratch = max(scratch, n * BF16_BYTES)
-        elif _ggml_packed(info.dtype):
+        elif ggml_packed(info.dtype):
             nbytes = GGML_BY_NAME[str(info.dtype)].nbytes(n)
             scratch = max(scratch, n * dense_bytes + DEQUANT_TEMP_BYTES)
         elif "scale" in leaf:
@@ -470,7 +470,7 @@ def model_bytes_from_tensors(
     )
 
 
-def _ggml_packed(dtype: object) -> bool:
+def ggml_packed(dtype: object) -> bool:
     """Whether a tensor-table dtype names a quantized GGML block format (a GGUF tensor kept packed)."""
     ggml = GGML_BY_NAME.get(str(dtype))
     return ggml is not None and ggml.quantized

@@ -30,6 +30,7 @@ from wan_local.memory.bytes import (
     activation_bytes,
     default_pinned_cap_bytes,
     dit_bytes,
+    ggml_packed,
     latent_grid,
     model_bytes_from_tensors,
     official_dit_config,
@@ -339,7 +340,8 @@ def estimate_job(
     vae_s = (components.vae_bytes if components else vae_weight_bytes(spec.vae)) / disk
     vae_s += vae_decode_flops(spec.vae, width, height, frames) / (speed.tf32_tflops * 1e12 * VAE_EFFICIENCY)
     stages = (("load_models", load_s), ("encode_text", te_s), ("denoise", steps * step_s), ("decode", vae_s))
-    notes += _notes(options, plan, speed, exposed_s, forward_s)
+    gguf = dit_tensors is not None and any(ggml_packed(getattr(t, "dtype", "")) for t in dit_tensors.values())
+    notes += _notes(options, plan, speed, exposed_s, forward_s, gguf)
     log.debug(
         "estimate %s %sx%s x%d: %.0f s on %s", spec.name, width, height, frames, sum(s for _, s in stages), speed.name
     )
@@ -358,14 +360,21 @@ def estimate_job(
 
 
 def _notes(
-    options: MemoryOptions, plan: ResidencyPlan, speed: DeviceSpeed, exposed_s: float, forward_s: float
+    options: MemoryOptions, plan: ResidencyPlan, speed: DeviceSpeed, exposed_s: float, forward_s: float, gguf: bool
 ) -> list[str]:
     notes = [
         f"times assume {speed.name} at {speed.bf16_tflops:g} bf16 TFLOPs x {MFU:.0%} utilisation, "
         f"{DISK_READ_GB_PER_S:g} GB/s disk reads and float32 official checkpoints (placeholders until GPU "
         "benchmarks replace them)",
     ]
-    if options.quant != "none":
+    if gguf:
+        notes.append(
+            "the GGUF experts stay in their own quantization (dequantized per layer as they run); "
+            f"--quant {options.quant} does not apply to them"
+            if options.quant != "none"
+            else "the GGUF experts stay in their own quantization (dequantized per layer as they run)"
+        )
+    elif options.quant != "none":
         notes.append(f"{options.quant} is weight storage only: it saves memory, not compute time")
     if exposed_s > 1e-3 * forward_s:  # below 0.1 % it is float noise of the simulation
         notes.append(f"streaming adds {exposed_s:.2f} s per forward not hidden behind {forward_s:.2f} s of compute")

@@ -10,10 +10,10 @@ dequantizes fp8_scaled with `weights.fp8`):
 - fp8_scaled: every block Linear weight in float8_e4m3fn with one float32 `scale_weight` = absmax / 448 per layer
   (ComfyUI's scaled-fp8 encoding, fact sheet §3.3), the rest fp32.
 
-- GGUF Q8_0 / Q4_K_M: written as city96's converter + llama-quantize lay them out (tests/gguf_files.py, gguf-py's
-  writer; Q8_0 by gguf-py's quantizer, Q4_K / Q6_K by the tests' plain round-to-nearest encoders, which are no
-  better than llama-quantize's searched scales: the numbers are upper bounds) and run by the project's GGUF
-  layers. Q6_K and Q5_K_M have no encoder here and stay "not measured".
+- GGUF Q8_0 / Q6_K / Q5_K_M / Q4_K_M: written as city96's converter + llama-quantize lay them out
+  (tests/gguf_files.py, gguf-py's writer; Q8_0 by gguf-py's quantizer, the K-quants by the tests' plain
+  round-to-nearest encoders, which are no better than llama-quantize's searched scales: the numbers are upper
+  bounds) and run by the project's GGUF layers.
 
 Reported per variant: rel. L2 of the block Linear weights against fp32, and rel. L2 of the DiT output against the
 golden `dit_t2v` output of the official code (same inputs). Needs gguf-py (the test extra).
@@ -82,7 +82,7 @@ def main() -> int:
     results: dict[str, dict] = {}
     linears = [k for k in sd if LINEAR.fullmatch(k)]
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in ("fp32", "bf16", "fp16", "fp8_scaled", "gguf-Q8_0", "gguf-Q4_K_M"):
+        for variant in ("fp32", "bf16", "fp16", "fp8_scaled", "gguf-Q8_0", "gguf-Q6_K", "gguf-Q5_K_M", "gguf-Q4_K_M"):
             if variant.startswith("gguf-"):
                 path = Path(tmp) / f"Wan2.2-T2V-A14B-HighNoise-{variant[5:]}.gguf"
                 stored = write_gguf_dit(path, expert, variant[5:])  # the values as stored, decoded by gguf-py
@@ -103,8 +103,6 @@ def main() -> int:
             }
             out_err = results[variant]["dit_output_rel_l2_vs_golden"]
             print(f"{variant:>10}: weights rel L2 {weight_err:.2e}, DiT output rel L2 {out_err:.2e}")
-    for qt in ("Q6_K", "Q5_K_M"):
-        results[f"gguf-{qt}"] = {"not_measured": "no encoder for this recipe in tests/gguf_files.py"}
     out = {
         "benchmark": "variant_quality",
         "fixture": "wan22-tiny t2v-A14B high_noise_model (dim 64, 2 layers) + golden dit_t2v",

@@ -28,8 +28,13 @@ from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType
 
 BLOCK_LINEAR = re.compile(r"blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]\.weight|blocks\.\d+\.ffn\.[02]\.weight")
-Q6_K_IN_Q4_K_M = re.compile(r".*\.v\.weight|.*ffn\.2\.weight")
-FILE_TYPES = {"Q8_0": LlamaFileType.MOSTLY_Q8_0, "Q4_K_M": LlamaFileType.MOSTLY_Q4_K_M}
+Q6_K_IN_K_M = re.compile(r".*\.v\.weight|.*ffn\.2\.weight")  # the _M recipes keep these in Q6_K
+FILE_TYPES = {
+    "Q8_0": LlamaFileType.MOSTLY_Q8_0,
+    "Q6_K": LlamaFileType.MOSTLY_Q6_K,
+    "Q5_K_M": LlamaFileType.MOSTLY_Q5_K_M,
+    "Q4_K_M": LlamaFileType.MOSTLY_Q4_K_M,
+}
 QK_K = 256
 
 
@@ -64,6 +69,33 @@ def quantize_q4_k(values: np.ndarray) -> np.ndarray:
     return np.concatenate([d.view(np.uint8).reshape(n, 2), dmin.view(np.uint8).reshape(n, 2), scales, qs], axis=1)
 
 
+def quantize_q5_k(values: np.ndarray) -> np.ndarray:
+    """float32 values (a multiple of 256) -> Q5_K blocks, uint8 [n, 176]: as Q4_K with 5-bit codes, the fifth bit
+    of sub-block i's value l stored as bit i of qh[l]."""
+    x = values.astype(np.float32).reshape(-1, 8, 32)
+    n = x.shape[0]
+    lo = np.minimum(x.min(axis=2), 0.0)
+    scale = (x.max(axis=2) - lo) / 31.0
+    mins = -lo
+    d = _f16(scale.max(axis=1) / 63.0)
+    dmin = _f16(mins.max(axis=1) / 63.0)
+    df, dminf = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(df > 0, np.clip(np.round(scale / df), 0, 63), 0).astype(np.uint8)
+        mn = np.where(dminf > 0, np.clip(np.round(mins / dminf), 0, 63), 0).astype(np.uint8)
+        step = (df * sc)[:, :, None]
+        q = np.where(step > 0, np.round((x + (dminf * mn)[:, :, None]) / step), 0)
+    q = np.clip(q, 0, 31).astype(np.uint8)  # [n, 8, 32]
+    scales = np.empty((n, 12), dtype=np.uint8)
+    scales[:, 0:4] = sc[:, :4] | ((sc[:, 4:] & 0x30) << 2)
+    scales[:, 4:8] = mn[:, :4] | ((mn[:, 4:] & 0x30) << 2)
+    scales[:, 8:12] = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
+    low, high = q & 0x0F, q >> 4
+    qh = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None], axis=1).astype(np.uint8)
+    qs = (low[:, 0::2] | (low[:, 1::2] << 4)).reshape(n, 128)
+    return np.concatenate([d.view(np.uint8).reshape(n, 2), dmin.view(np.uint8).reshape(n, 2), scales, qh, qs], axis=1)
+
+
 def quantize_q6_k(values: np.ndarray) -> np.ndarray:
     """float32 values (a multiple of 256) -> Q6_K blocks, uint8 [n, 210]: w = d·sc·(q − 32) per 16 values."""
     x = values.astype(np.float32).reshape(-1, 16, 16)
@@ -86,6 +118,7 @@ def quantize_q6_k(values: np.ndarray) -> np.ndarray:
 _ENCODERS = {
     Q.Q8_0: lambda v: gguf.quants.quantize(v.reshape(-1, 32), Q.Q8_0),
     Q.Q4_K: quantize_q4_k,
+    Q.Q5_K: quantize_q5_k,
     Q.Q6_K: quantize_q6_k,
 }
 
@@ -97,8 +130,10 @@ def block_type(name: str, ftype: str) -> Q:
     """The GGML type llama-quantize gives a block Linear weight in a `ftype` file (§3.4)."""
     if ftype == "Q8_0":
         return Q.Q8_0
-    if ftype == "Q4_K_M":
-        return Q.Q6_K if Q6_K_IN_Q4_K_M.fullmatch(name) else Q.Q4_K
+    if ftype == "Q6_K":
+        return Q.Q6_K
+    if ftype in ("Q4_K_M", "Q5_K_M"):
+        return Q.Q6_K if Q6_K_IN_K_M.fullmatch(name) else Q.Q4_K if ftype == "Q4_K_M" else Q.Q5_K
     raise ValueError(f"no quantization recipe for {ftype}")
 
 

@@ -19,6 +19,7 @@ from gguf_files import (
     a14b_i2v_q4_k_m_tensors,
     official_dit_sd,
     quantize_q4_k,
+    quantize_q5_k,
     quantize_q6_k,
     write_gguf_dit,
     write_gguf_header_only,
@@ -90,7 +91,10 @@ def test_dequantize_in_chunks_and_dense_types(monkeypatch) -> None:
         assert torch.equal(ours, torch.from_numpy(expected)), name
 
 
-@pytest.mark.parametrize(("encode", "qtype", "bound"), [(quantize_q4_k, Q.Q4_K, 0.1), (quantize_q6_k, Q.Q6_K, 0.03)])
+@pytest.mark.parametrize(
+    ("encode", "qtype", "bound"),
+    [(quantize_q4_k, Q.Q4_K, 0.1), (quantize_q5_k, Q.Q5_K, 0.05), (quantize_q6_k, Q.Q6_K, 0.03)],
+)
 def test_test_k_quant_encoders_decode_with_gguf_py(encode, qtype, bound) -> None:
     """The test helpers' Q4_K / Q6_K encoders write blocks gguf-py decodes to the input within 4-/6-bit error."""
     x = (np.random.default_rng(3).normal(size=8 * 256) * 0.05).astype(np.float32)

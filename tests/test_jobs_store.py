@@ -20,8 +20,9 @@ from PIL import Image
 from wan_local.errors import InputError
 from wan_local.jobs import commands
 from wan_local.jobs.database import StoreBusyError, StoreCorruptError, StoreError
-from wan_local.jobs.runner import StepTimer, latent_to_rgb, write_preview
+from wan_local.jobs.runner import StepTimer
 from wan_local.jobs.store import JobSettings, JobStore, WorkerAlreadyRunning, default_store_path
+from wan_local.preview import latent_to_rgb, write_preview
 
 
 def _settings(tiny=None, **changes) -> JobSettings:
@@ -310,8 +311,8 @@ def test_importing_the_queue_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("channels", [16, 48])
-def test_latent_preview(tmp_path, channels):
+@pytest.mark.parametrize("channels", [12, 20])
+def test_structure_preview_of_a_latent_space_without_colour_factors(tmp_path, channels):
     latent = torch.randn(channels, 2, 6, 8)
     latent[:, :, :, :4] += 3.0  # left half brighter in every channel
     rgb = latent_to_rgb(latent)

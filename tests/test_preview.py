@@ -3,6 +3,8 @@ follow them, and a real tiny job writing one per step from the latent it is deno
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,9 @@ import wan_local.jobs.runner as runner_module
 from wan_local.jobs.runner import PipelineRunner
 from wan_local.jobs.store import JobSettings, JobStore
 from wan_local.preview import LATENT_SPACES, factors_for, write_preview
+from wan_local.sampling.denoise import denoise
+from wan_local.sampling.schedule import make_schedule
+from wan_local.sampling.solvers import make_solver
 
 
 def _expected_pixel(values: np.ndarray) -> tuple[int, ...]:
@@ -60,16 +65,21 @@ def test_a_unit_latent_of_one_channel_shows_that_channels_colour(tmp_path, space
 
 def test_a_tiny_job_writes_a_colour_preview_per_step_from_its_latent(tiny, tmp_path, monkeypatch):
     """Every denoise step of a real tiny t2v-A14B job writes a PNG whose pixels are the Wan2.1 factors applied to
-    the first frame of that step's latent (computed here with numpy, upscaled by the same integer factor)."""
-    latents = []
+    the middle frame of that step's clean-latent prediction (computed here with numpy, upscaled by the same
+    integer factor); the last step's prediction is the final latent (Euler: x - sigma * v at the last sigma)."""
+    latents, frames = [], []
     write = runner_module.write_preview
-    monkeypatch.setattr(
-        runner_module, "write_preview", lambda latent, path: latents.append(latent.clone()) or write(latent, path)
-    )
+
+    def recording(latent, path, frame=0):
+        latents.append(latent.clone())
+        frames.append(frame)
+        return write(latent, path, frame)
+
+    monkeypatch.setattr(runner_module, "write_preview", recording)
     store = JobStore(tmp_path / "jobs.sqlite3")
     settings = JobSettings(
         task="t2v-A14B", ckpt_dir=str(tiny / "t2v-A14B"), prompt="a fox", size=(64, 48), frames=5, steps=3,
-        device="cpu", dtype="fp32",
+        device="cpu", dtype="fp32", solver="euler",
     )  # fmt: skip
     store.add(settings, validate=False)
     runner = PipelineRunner(tmp_path / "out", tmp_path / "previews")
@@ -84,11 +94,11 @@ def test_a_tiny_job_writes_a_colour_preview_per_step_from_its_latent(tiny, tmp_p
         runner.run(store.claim_next("w"), on_progress, None)
     finally:
         runner.close()
-    assert len(latents) == len(pngs) == 3
+    assert len(latents) == len(pngs) == 3 and frames == [1, 1, 1]  # 5 frames: 2 latent frames, the middle is 1
     linear = LATENT_SPACES["wan2.1"]
     weights, bias = np.array(linear.factors), np.array(linear.bias)
-    for latent, png in zip(latents, pngs, strict=True):
-        frame = latent[:, 0].double().numpy()  # [16, h, w]
+    for latent, index, png in zip(latents, frames, pngs, strict=True):
+        frame = latent[:, index].double().numpy()  # [16, h, w]
         rgb = np.einsum("chw,cr->hwr", frame, weights) + bias
         expected = np.round((np.clip(rgb, -1, 1) + 1) * 127.5)
         factor = png.shape[0] // frame.shape[1]
@@ -96,3 +106,31 @@ def test_a_tiny_job_writes_a_colour_preview_per_step_from_its_latent(tiny, tmp_p
         assert shown.shape == expected.shape
         assert np.abs(shown - expected).max() <= 1  # float32 vs float64 rounding at .5
     assert not np.array_equal(pngs[0], pngs[-1]), "the preview follows the denoising"
+
+
+class _ExactX0:
+    """A guidance that knows the clean latent: v = (x - x0) / sigma, so x - sigma * v = x0 at every step."""
+
+    def __init__(self, x0: torch.Tensor, schedule) -> None:
+        self.x0, self.schedule = x0, schedule
+        self.conditioning = SimpleNamespace(impose=lambda latent: latent)
+
+    def __call__(self, latent, timestep):
+        index = int((self.schedule.timesteps == timestep).nonzero()[0, 0])
+        sigma = float(self.schedule.sigmas[index])
+        return (latent - self.x0) / sigma, "model", 1.0
+
+
+@pytest.mark.parametrize("solver", ["euler", "unipc", "dpm++"])
+def test_the_step_event_predicts_the_clean_latent(solver):
+    """StepEvent.denoised() is x - sigma * v at the sigma the step is solved at: with a model that predicts the
+    clean latent exactly, every step's prediction is that latent (while the noisy latent is not)."""
+    schedule = make_schedule(solver, 5, 5.0)
+    x0 = torch.randn(16, 2, 3, 4, generator=torch.Generator().manual_seed(1))
+    events = []
+    noise = torch.randn(16, 2, 3, 4, generator=torch.Generator().manual_seed(2))
+    denoise(noise, schedule, make_solver(solver, schedule), _ExactX0(x0, schedule), on_step=events.append)
+    assert len(events) == 5
+    for event in events:
+        torch.testing.assert_close(event.denoised(), x0, rtol=1e-5, atol=1e-5)
+    assert (events[0].latent - x0).abs().max() > 0.1

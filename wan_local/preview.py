@@ -1,4 +1,6 @@
-"""Latent previews: the first latent frame of the job's latent, mapped to RGB by a linear projection, as a PNG.
+"""Latent previews: one frame of a latent [C, T, h, w], mapped to RGB by a linear projection, as a PNG. The job
+runner previews the middle latent frame of each step's clean-latent prediction (`StepEvent.denoised`: the noisy
+latent itself is mostly noise in early steps, and ti2v image-to-video pins the first frame to the input image).
 
 Colour previews use the published linear latent -> RGB factors of the two Wan latent spaces, a [C, 3] matrix and
 an RGB bias applied to the normalized latent the DiT denoises (the latent mean/std already taken out), so that
@@ -14,11 +16,14 @@ Source of the numbers: ComfyUI (github.com/Comfy-Org/ComfyUI, GPL-3.0), file com
 A latent of any other channel count gets a structure preview: the channels averaged in three contiguous groups and
 stretched by their own mean and standard deviation (composition and motion, no true colours).
 
-Cost: only the first latent frame is made contiguous on the device (a [C, h, w] copy: 0.4 MB for A14B 832x480,
-0.9 MB for 1280x720, 0.7 MB for ti2v-5B 1280x704, freed at once) and copied to the CPU, where it is projected; no
-model code is involved and no GPU memory of note is used. Measured on a shared 2-core CPU (noisy): projection 1-18
-ms, projection + nearest upscale + PNG 14 ms (A14B 832x480), 16 ms (ti2v-5B 1280x704), 75 ms (A14B 1280x720),
-against denoise steps of seconds each on a GPU: under 1 % of a step, once per `preview_every` steps.
+Cost: the clean-latent prediction is one latent-sized tensor made for the preview (A14B 832x480 81 frames: 8 MB;
+1280x720: 19 MB; ti2v-5B 1280x704 121 frames: 21 MB; up to three alive at once while the pinned frame is
+imposed) and freed after it. Only the previewed latent frame is made contiguous on the device (a [C, h, w] copy:
+0.4 MB for A14B 832x480, 0.9 MB for 1280x720, 0.7 MB for ti2v-5B 1280x704) and copied to the CPU, where it is
+projected; no model code is involved and no GPU memory of note is used. Measured on a shared 2-core CPU (noisy):
+projection 1-18 ms, projection + nearest upscale + PNG 14 ms (A14B 832x480), 16 ms (ti2v-5B 1280x704), 75 ms
+(A14B 1280x720), against denoise steps of seconds each on a GPU: under 1 % of a step, once per `preview_every`
+steps.
 """
 
 from __future__ import annotations
@@ -90,30 +95,31 @@ def factors_for(channels: int) -> LinearFactors | None:
     return next((f for f in LATENT_SPACES.values() if f.channels == channels), None)
 
 
-def latent_to_rgb(latent: torch.Tensor) -> torch.Tensor:
-    """First frame of a latent [C, T, h, w] -> uint8 RGB image [h, w, 3] (see the module docstring)."""
+def latent_to_rgb(latent: torch.Tensor, frame: int = 0) -> torch.Tensor:
+    """Latent frame `frame` of a latent [C, T, h, w] -> uint8 RGB image [h, w, 3] (see the module docstring)."""
     import torch
 
     # [C, h, w]: only this frame leaves the device (contiguous first: a strided copy is slow on the CPU side)
-    frame = latent[:, 0].detach().contiguous().to("cpu", torch.float32)
-    linear = factors_for(frame.shape[0])
+    picked = latent[:, frame].detach().contiguous().to("cpu", torch.float32)
+    linear = factors_for(picked.shape[0])
     if linear is not None:
         weights = torch.tensor(linear.factors, dtype=torch.float32)  # [C, 3]
-        rgb = torch.einsum("chw,cr->rhw", frame, weights) + torch.tensor(linear.bias)[:, None, None]
+        rgb = torch.einsum("chw,cr->rhw", picked, weights) + torch.tensor(linear.bias)[:, None, None]
     else:
-        if frame.shape[0] >= 3:
-            rgb = torch.stack([g.mean(0) for g in torch.tensor_split(frame, 3, dim=0)])
+        if picked.shape[0] >= 3:
+            rgb = torch.stack([g.mean(0) for g in torch.tensor_split(picked, 3, dim=0)])
         else:
-            rgb = frame.mean(0, keepdim=True).expand(3, -1, -1)
+            rgb = picked.mean(0, keepdim=True).expand(3, -1, -1)
         rgb = (rgb - rgb.mean()) / (2.5 * rgb.std().clamp_min(1e-6))  # ±2.5 std -> [-1, 1]
     return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous()
 
 
-def write_preview(latent: torch.Tensor, path: Path) -> Path:
-    """Write the latent preview as a PNG, upscaled by nearest-neighbour, atomically (tmp file + replace)."""
+def write_preview(latent: torch.Tensor, path: Path, frame: int = 0) -> Path:
+    """Write the preview of latent frame `frame` as a PNG, upscaled by nearest-neighbour, atomically (tmp file +
+    replace)."""
     from PIL import Image
 
-    image = latent_to_rgb(latent).numpy()
+    image = latent_to_rgb(latent, frame).numpy()
     height, width = image.shape[:2]
     factor = max(1, -(-PREVIEW_LONG_SIDE // max(height, width)))
     picture = Image.fromarray(image).resize((width * factor, height * factor), Image.Resampling.NEAREST)

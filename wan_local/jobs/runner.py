@@ -279,7 +279,9 @@ class PipelineRunner:
             snapshot = tracker.step(done, event.total)
             path = None
             if done % self.preview_every == 0 or done == event.total:
-                path = str(write_preview(event.latent, preview))
+                shown = event.denoised() if event.denoised is not None else event.latent
+                path = str(write_preview(shown, preview, frame=shown.shape[1] // 2))
+                del shown
             nonlocal last_saved
             if points is not None and done < event.total and time.monotonic() - last_saved >= points.every_s:
                 points.save(job.id, resume_key, event.latent, event.solver_state())

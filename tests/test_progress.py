@@ -116,3 +116,18 @@ def test_a_real_tiny_job_reports_monotonic_progress_through_decode(tiny, tmp_pat
     assert decode.step == decode.total == 4 and decode.eta_seconds is not None
     store.finish(job.id, "w", "done", output_path=str(video))
     assert store.get(job.id).progress.fraction == 1.0
+
+
+def test_queue_list_shows_the_whole_jobs_fraction_and_time_left(tmp_path):
+    from wan_local.jobs.commands import _describe
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    settings = JobSettings(task="t2v-A14B", ckpt_dir="ckpt", prompt="a fox", size=(64, 48), frames=5, steps=3)
+    job_id = store.add(settings, validate=False).id
+    store.claim_next("w")
+    assert store.get(job_id).progress.fraction is None  # nothing reported yet
+    store.update_progress(job_id, "w", step=3, total=3, stage="decode", eta_seconds=12.3, fraction=0.874)
+    assert "  87 % ~12s  t2v-A14B" in _describe(store.get(job_id))
+    store.finish(job_id, "w", "done")
+    job = store.get(job_id)
+    assert job.progress.fraction == 1.0 and "  3/3  " in _describe(job)

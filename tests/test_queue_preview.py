@@ -84,9 +84,9 @@ def test_a_retried_job_does_not_show_its_earlier_attempts_preview(ctx):
 def test_the_progress_line_is_the_whole_jobs_fraction_with_decode_counted(ctx):
     job_id, _ = _run_with_preview(ctx, "a whale")
     q = QueueHandlers(ctx)
-    assert "step 2/3 · 50% · about 9 s left" in q.running().html
+    assert "step 2/3 · 50 % · about 9 s left" in q.running().html
     ctx.store.update_progress(job_id, "w1", stage="decode", step=3, total=3, eta_seconds=4, fraction=0.8)
     html = q.running().html
-    assert "decode · 80% · about 4 s left" in html and "step" not in html.split("decode")[1]
+    assert "decode · 80 % · about 4 s left" in html and "step" not in html.split("decode")[1]
     assert "<progress value='0.8000' max='1'" in html
-    assert job_row(ctx.store.get(job_id))[2:5] == ["80%", "decode", "4 s"]
+    assert job_row(ctx.store.get(job_id))[2:5] == ["80 %", "decode", "4 s"]

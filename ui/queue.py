@@ -41,7 +41,7 @@ def job_row(job: Job) -> list[Any]:
     s, p = job.settings, job.progress
     progress = f"{p.step}/{p.total}" if p.total else ""
     if job.state == "running" and p.fraction is not None:
-        progress = f"{p.fraction:.0%}" + (f" ({p.step}/{p.total})" if p.stage == "denoise" and p.total else "")
+        progress = f"{p.fraction * 100:.0f} %" + (f" ({p.step}/{p.total})" if p.stage == "denoise" and p.total else "")
     if job.state == "done":
         progress = "100 %"
     left = format_duration(p.eta_seconds) if job.state == "running" and p.eta_seconds is not None else ""
@@ -77,7 +77,7 @@ def progress_line(job: Job) -> tuple[str, str]:
     if p.stage == "denoise" and p.total:
         stage += f" · step {p.step}/{p.total}"
     if p.fraction is not None:
-        stage += f" · {p.fraction:.0%}"
+        stage += f" · {p.fraction * 100:.0f} %"
         bar = f"<progress value='{p.fraction:.4f}' max='1' style='width:100%'></progress>"
     else:
         bar = f"<progress value='{p.step}' max='{max(p.total, 1)}' style='width:100%'></progress>"

@@ -8,8 +8,8 @@ estimate does not time (condition, save) get a small share of decode's time. Wit
 typical shares (DEFAULT_SHARES) and the seconds left are unknown until the first steps are timed.
 
 The seconds left are calibrated on this machine as soon as denoise steps are measured: the measured time per
-step (StepTimer: the first step, which loads an expert, left out) over the expected one scales the expected
-decode and save times. Pure logic over a clock; no torch.
+step (the mean of the last 8 steps; the first step, which loads an expert, left out once there are others) over
+the expected one scales the expected decode and save times. Pure logic over a clock; no torch.
 """
 
 from __future__ import annotations

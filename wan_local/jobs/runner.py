@@ -79,32 +79,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-class StepTimer:
-    """ETA from measured step times: the mean duration of the last `window` steps (the first step, which
-    includes loading an expert, is left out once there are others) times the steps left."""
-
-    def __init__(self, window: int = 8) -> None:
-        self.window = window
-        self._last: float | None = None
-        self._durations: list[float] = []
-
-    def start(self) -> None:
-        """Mark the start of the first step (call when the denoise stage begins)."""
-        self._last = time.perf_counter()
-
-    def step(self, done: int, total: int) -> float | None:
-        """Record that step `done` (1-based) of `total` finished; return the estimated seconds left."""
-        now = time.perf_counter()
-        if self._last is not None:
-            self._durations.append(now - self._last)
-        self._last = now
-        recent = self._durations[1:] if len(self._durations) > 1 else self._durations
-        recent = recent[-self.window :]
-        if not recent:
-            return None
-        return round(sum(recent) / len(recent) * (total - done), 1)
-
-
 def progress_tracker(steps: int, estimate: Any) -> ProgressTracker:
     """The tracker of a job of `steps` denoise steps, weighted by its estimate (None: typical shares)."""
     if estimate is None or not estimate.seconds_by_stage:

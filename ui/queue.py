@@ -4,6 +4,7 @@ it shows survives a restart of the app or of the worker."""
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import logging
 import time
@@ -39,6 +40,8 @@ def job_row(job: Job) -> list[Any]:
     """One table row: id, state, step/total, stage, time left, seed, task, size × frames, preset, prompt, note."""
     s, p = job.settings, job.progress
     progress = f"{p.step}/{p.total}" if p.total else ""
+    if job.state == "running" and p.fraction is not None:
+        progress = f"{p.fraction * 100:.0f} %" + (f" ({p.step}/{p.total})" if p.stage == "denoise" and p.total else "")
     if job.state == "done":
         progress = "100 %"
     left = format_duration(p.eta_seconds) if job.state == "running" and p.eta_seconds is not None else ""
@@ -53,6 +56,34 @@ def job_row(job: Job) -> list[Any]:
     # Seeds are text: 63-bit numbers lose digits as JavaScript numbers in the browser.
     return [job.id, job.state, progress, stage, left, str(job.resolved_seed), s.task, shape, s.preset or "", s.prompt,
             note]  # fmt: skip
+
+
+def current_preview(job: Job) -> str | None:
+    """The running job's preview PNG, if it was written during this run (not by an earlier attempt of the job)."""
+    if job.state != "running" or not job.preview_path:
+        return None
+    try:
+        written = Path(job.preview_path).stat().st_mtime
+    except OSError:
+        return None
+    return job.preview_path if job.started_at is None or written >= job.started_at - 1.0 else None
+
+
+def progress_line(job: Job) -> tuple[str, str]:
+    """(HTML progress bar, stage text) of a running job: the whole job's fraction when the worker reports one
+    (stages weighted, decode included), else denoise steps."""
+    p = job.progress
+    stage = html.escape(p.stage or "starting")
+    if p.stage == "denoise" and p.total:
+        stage += f" · step {p.step}/{p.total}"
+    if p.fraction is not None:
+        stage += f" · {p.fraction * 100:.0f} %"
+        bar = f"<progress value='{p.fraction:.4f}' max='1' style='width:100%'></progress>"
+    else:
+        bar = f"<progress value='{p.step}' max='{max(p.total, 1)}' style='width:100%'></progress>"
+    if p.eta_seconds is not None:
+        stage += f" · about {format_duration(p.eta_seconds)} left"
+    return bar, stage
 
 
 @dataclass(frozen=True)
@@ -132,20 +163,14 @@ class QueueHandlers:
         job = running[0]
         p = job.progress
         parts = [f"<b>Job #{job.id}</b>", html.escape(job.settings.prompt[:80])]
-        stage = html.escape(p.stage or "starting")
-        if p.total:
-            stage += f" · step {p.step}/{p.total}"
-        if p.eta_seconds is not None:
-            stage += f" · about {format_duration(p.eta_seconds)} left"
+        bar, stage = progress_line(job)
         if p.updated_at is not None and time.time() - p.updated_at > STALE_REPORT_S:
             stage += f" · no report for {format_duration(time.time() - p.updated_at)} (loading models?)"
         if job.cancel_requested:
             stage += " · cancelling"
-        bar = f"<progress value='{p.step}' max='{max(p.total, 1)}' style='width:100%'></progress>"
         more = html.escape(summary.replace("job(s) queued", "more job(s) queued"))
         body = f"<div id='queue-running'>{' · '.join(parts)}<br>{bar}<br>{stage}; {more}</div>"
-        preview = job.preview_path if job.preview_path and Path(job.preview_path).is_file() else None
-        return RunningView(body, preview, job.id)
+        return RunningView(body, current_preview(job), job.id)
 
     def worker_line(self) -> tuple[str, bool]:
         """(Markdown about the worker, whether to offer "Restart worker")."""
@@ -218,17 +243,18 @@ def build_queue_tab(ctx: AppContext, gen: GenerateTab, tabs: Any) -> QueueHandle
     with gr.Row():
         worker_md = gr.Markdown(line, elem_id="queue-worker")
         restart_btn = gr.Button("Restart worker", visible=show_restart, size="sm", elem_id="queue-restart")
-    view = handlers.running()
     with gr.Row():
         with gr.Column(scale=3):
-            running_html = gr.HTML(view.html, elem_id="queue-running-box")
+            # Computed per page load (a callable value), and the preview starts empty: the timer's first tick
+            # brings the running job's preview, so a fresh page never shows one from when the app started.
+            running_html = gr.HTML(lambda: handlers.running().html, elem_id="queue-running-box")
             table = gr.Dataframe(
                 value=handlers.rows(), headers=HEADERS, interactive=False, wrap=True, max_height=520,
                 elem_id="queue-table",
             )  # fmt: skip
         with gr.Column(scale=1, min_width=240):
             preview = gr.Image(
-                value=view.preview_path, label="Latent preview (structure, not colours)", interactive=False,
+                value=None, label="Latent preview of the running job", interactive=False,
                 height=240, elem_id="queue-preview",
             )  # fmt: skip
     with gr.Row():
@@ -250,8 +276,10 @@ def build_queue_tab(ctx: AppContext, gen: GenerateTab, tabs: Any) -> QueueHandle
         line, show = handlers.worker_line()
         key = None
         if view.preview_path:
-            stat = Path(view.preview_path).stat()
-            key = (view.preview_path, stat.st_mtime_ns)
+            try:
+                key = (view.preview_path, Path(view.preview_path).stat().st_mtime_ns)
+            except OSError:  # replaced or removed since
+                view = dataclasses.replace(view, preview_path=None)
         # Only send a new preview when the file changed: each send copies it into Gradio's cache.
         image = gr.skip() if key == last_key else view.preview_path
         return [handlers.rows(), view.html, image, line, gr.update(visible=show), key]

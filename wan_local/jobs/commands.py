@@ -19,6 +19,10 @@ from wan_local.options import add_force_option, add_generation_options, add_memo
 def _describe(job: Job) -> str:
     p = job.progress
     progress = f"{p.step}/{p.total}" if p.total else "-"
+    if job.state == "running" and p.fraction is not None:  # the whole job, decode included (jobs.progress)
+        progress = f"{p.fraction * 100:.0f} %"
+        if p.eta_seconds is not None:
+            progress += f" ~{p.eta_seconds:.0f}s"
     text = f"{job.id:>5}  {job.state:<9}  {progress:>7}  {job.settings.task:<9}  {job.settings.prompt[:50]}"
     if job.error:
         text += f"\n       error: {job.error}"

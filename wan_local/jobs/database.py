@@ -22,7 +22,7 @@ from wan_local.errors import WanLocalError
 log = logging.getLogger(__name__)
 
 DB_NAME = "jobs.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # MIGRATIONS[v] brings a database from schema version v to v + 1; never edit a released entry, append one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -67,6 +67,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE workers ADD COLUMN parent_pid INTEGER",  # who started the worker (an app, a terminal)
         "ALTER TABLE workers ADD COLUMN parent_started REAL",
     ),
+    ("ALTER TABLE jobs ADD COLUMN progress_fraction REAL",),  # the whole job's fraction done (jobs.progress)
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 

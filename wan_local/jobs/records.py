@@ -34,13 +34,16 @@ class MalformedJob(ValueError):
 @dataclass(frozen=True)
 class JobProgress:
     """Last reported progress: denoise `step` of `total` (1-based, 0 = not started), the current stage, the
-    estimated seconds left; updated_at is the worker's last report (a progress event or a heartbeat)."""
+    estimated seconds left of the whole job; updated_at is the worker's last report (a progress event or a
+    heartbeat); `fraction` is the whole job's fraction done (0..1, stages weighted: wan_local.jobs.progress; None
+    for a job run by an older version)."""
 
     step: int = 0
     total: int = 0
     stage: str | None = None
     eta_seconds: float | None = None
     updated_at: float | None = None
+    fraction: float | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ _COLUMNS: dict[str, tuple[tuple[type, ...], bool]] = {
     **{c: ((int,), False) for c in ("progress_total", "cancel_requested")},
     "created_at": (_NUMBER, False),
     **{c: (_NUMBER, True) for c in ("started_at", "finished_at", "eta_seconds", "progress_updated_at")},
+    "progress_fraction": (_NUMBER, True),
     "heartbeat_at": (_NUMBER, True),
     **{c: ((str,), True) for c in ("error", "note", "output_path", "progress_stage", "preview_path", "worker_id")},
     "worker_pid": ((int,), True),
@@ -151,7 +155,7 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
     _check_columns(row)
     progress = JobProgress(
         row["progress_step"], row["progress_total"], row["progress_stage"], row["eta_seconds"],
-        row["progress_updated_at"],
+        row["progress_updated_at"], _get(row, "progress_fraction"),
     )  # fmt: skip
     return Job(
         **{name: row[name] for name in _AS_STORED},

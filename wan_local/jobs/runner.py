@@ -6,12 +6,9 @@ the settings embedded, writes a small latent preview PNG while denoising and tur
 the file: `file_error_message` words it). Resume points (`wan_local.jobs.resume`) are saved while denoising and
 left for the worker to delete once the job's outcome is committed.
 
-Latent preview: the latent [C, T, h, w] of the first latent frame is mapped to RGB by a fixed linear projection
-(`latent_to_rgb`) and upscaled with nearest-neighbour. The projection averages the channels in three contiguous
-groups (C = 16 -> 6/5/5 channels for R/G/B, C = 48 -> 16/16/16) and stretches the result by its own mean and
-standard deviation. It is a structure preview: it shows composition and motion early, not true colours (those
-would need per-channel RGB factors fitted against the real VAE decoder; `PREVIEW_FACTORS` is where such a
-[3, C] table goes). It works for any channel count >= 3, so it needs no knowledge of the VAE.
+Latent previews (`wan_local.preview`) are written every `preview_every` denoise steps, in colour for the Wan2.1 and
+Wan2.2 latent spaces; progress goes through `wan_local.jobs.progress`, which weights the stages so the fraction
+and the time left move to 100 % through decode and save.
 """
 
 from __future__ import annotations
@@ -28,20 +25,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from wan_local.errors import WanLocalError
+from wan_local.jobs.progress import ProgressTracker, Snapshot, expected_stage_seconds
 from wan_local.jobs.resume import ResumePoints
 from wan_local.jobs.store import Job
-from wan_local.tempfiles import atomic_write
+from wan_local.preview import write_preview
 
 if TYPE_CHECKING:
-    import torch
-
     from wan_local.sampling.denoise import CancelToken, StepEvent
 
 log = logging.getLogger(__name__)
-
-#: Optional per-channel-count RGB projections [3, C] (row r: weights of each latent channel for colour r).
-PREVIEW_FACTORS: dict[int, list[list[float]]] = {}
-PREVIEW_LONG_SIDE = 320  # preview PNGs are upscaled (integer factor, nearest) to at least this long side
 
 
 class JobOutOfMemory(WanLocalError):
@@ -59,13 +51,15 @@ def file_error_message(exc: OSError) -> str:
 @dataclass(frozen=True)
 class Progress:
     """What a runner reports: the stage ("encode_text", "denoise", "decode", "save", ...), denoise step
-    (1-based, 0 = none yet) of total, seconds left (None until measurable) and the newest preview PNG."""
+    (1-based, 0 = none yet; total once denoising is over) of total, seconds left of the whole job (None until
+    measurable), the newest preview PNG and the fraction of the whole job done (0..1, see jobs.progress)."""
 
     stage: str
     step: int = 0
     total: int = 0
     eta_seconds: float | None = None
     preview_path: str | None = None
+    fraction: float | None = None
 
 
 class JobRunner(Protocol):
@@ -85,60 +79,21 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def latent_to_rgb(latent: torch.Tensor) -> torch.Tensor:
-    """First frame of a latent [C, T, h, w] -> uint8 RGB image [h, w, 3] (see the module docstring)."""
-    import torch
-
-    frame = latent[:, 0].detach().float().cpu()  # [C, h, w]
-    channels = frame.shape[0]
-    if channels in PREVIEW_FACTORS:
-        rgb = torch.einsum("rc,chw->rhw", torch.tensor(PREVIEW_FACTORS[channels]), frame)
-    elif channels >= 3:
-        rgb = torch.stack([g.mean(0) for g in torch.tensor_split(frame, 3, dim=0)])
-    else:
-        rgb = frame.mean(0, keepdim=True).expand(3, -1, -1)
-    rgb = (rgb - rgb.mean()) / (2.5 * rgb.std().clamp_min(1e-6))  # ±2.5 std -> [-1, 1]
-    return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+def progress_tracker(steps: int, estimate: Any) -> ProgressTracker:
+    """The tracker of a job of `steps` denoise steps, weighted by its estimate (None: typical shares)."""
+    if estimate is None or not estimate.seconds_by_stage:
+        return ProgressTracker(steps)
+    by_stage = dict(estimate.seconds_by_stage)
+    return ProgressTracker(
+        steps, expected_stage_seconds(by_stage, steps), load_seconds=float(by_stage.get("load_models", 0.0))
+    )
 
 
-def write_preview(latent: torch.Tensor, path: Path) -> Path:
-    """Write the latent preview as a PNG, upscaled by nearest-neighbour, atomically (tmp file + replace)."""
-    from PIL import Image
-
-    image = latent_to_rgb(latent).numpy()
-    height, width = image.shape[:2]
-    factor = max(1, -(-PREVIEW_LONG_SIDE // max(height, width)))
-    picture = Image.fromarray(image).resize((width * factor, height * factor), Image.Resampling.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:  # 0644: the UI (maybe another user's web server) reads it
-        picture.save(tmp, format="PNG")
-    return path
-
-
-class StepTimer:
-    """ETA from measured step times: the mean duration of the last `window` steps (the first step, which
-    includes loading an expert, is left out once there are others) times the steps left."""
-
-    def __init__(self, window: int = 8) -> None:
-        self.window = window
-        self._last: float | None = None
-        self._durations: list[float] = []
-
-    def start(self) -> None:
-        """Mark the start of the first step (call when the denoise stage begins)."""
-        self._last = time.perf_counter()
-
-    def step(self, done: int, total: int) -> float | None:
-        """Record that step `done` (1-based) of `total` finished; return the estimated seconds left."""
-        now = time.perf_counter()
-        if self._last is not None:
-            self._durations.append(now - self._last)
-        self._last = now
-        recent = self._durations[1:] if len(self._durations) > 1 else self._durations
-        recent = recent[-self.window :]
-        if not recent:
-            return None
-        return round(sum(recent) / len(recent) * (total - done), 1)
+def reported(snapshot: Snapshot, preview_path: str | None = None) -> Progress:
+    """The Progress a runner reports for a tracker's snapshot."""
+    return Progress(
+        snapshot.stage, snapshot.step, snapshot.total, snapshot.eta_seconds, preview_path, snapshot.fraction
+    )
 
 
 def default_output_name(job: Job, task: str, size: tuple[int, int]) -> str:
@@ -231,9 +186,10 @@ class PipelineRunner:
         settings = resolved.settings
         resume_key = ResumePoints.key(job, resolved.device, resolved.dtype, admission.memory)
         oom: str | None = None
+        tracker = progress_tracker(settings.steps, admission.estimate)
         try:
-            result = self._generate(resolved, admission, job, on_progress, cancel, resume_key)
-            on_progress(Progress("save", settings.steps, settings.steps))
+            result = self._generate(resolved, admission, job, on_progress, cancel, resume_key, tracker)
+            on_progress(reported(tracker.stage("save")))
             output = Path(s.output) if s.output else self.output_dir / default_output_name(job, s.task, settings.size)
             metadata: dict[str, Any] = {
                 **result.metadata(),
@@ -248,6 +204,7 @@ class PipelineRunner:
 
             saved = save_video(result.video, output, result.fps, metadata)  # the resume point stays: see resume.py
             self.publish_loaded()
+            on_progress(reported(tracker.finish()))
             return saved
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):
@@ -277,11 +234,10 @@ class PipelineRunner:
         on_progress: Callable[[Progress], None],
         cancel: CancelToken,
         resume_key: str,
+        tracker: ProgressTracker,
     ):
         from wan_local.engine.run import run_job
 
-        settings = resolved.settings
-        timer = StepTimer()
         preview = self.preview_dir / f"job{job.id}.png"
         points = self.resume_points
         resume = points.load(job.id, resume_key) if points is not None else None
@@ -290,21 +246,21 @@ class PipelineRunner:
         last_saved = time.monotonic()
 
         def on_stage(name: str) -> None:
-            if name == "denoise":
-                timer.start()
-            on_progress(Progress(name, 0, settings.steps))
+            on_progress(reported(tracker.stage(name)))
 
         def on_step(event: StepEvent) -> None:
             done = event.index + 1
-            eta = timer.step(done, event.total)
+            snapshot = tracker.step(done, event.total)
             path = None
             if done % self.preview_every == 0 or done == event.total:
-                path = str(write_preview(event.latent, preview))
+                shown = event.denoised() if event.denoised is not None else event.latent
+                path = str(write_preview(shown, preview, frame=shown.shape[1] // 2))
+                del shown
             nonlocal last_saved
             if points is not None and done < event.total and time.monotonic() - last_saved >= points.every_s:
                 points.save(job.id, resume_key, event.latent, event.solver_state())
                 last_saved = time.monotonic()
-            on_progress(Progress("denoise", done, event.total, eta, path))
+            on_progress(reported(snapshot, path))
 
         return run_job(
             resolved, admission, self.pipelines, on_step=on_step, on_stage=on_stage, cancel=cancel, resume=resume

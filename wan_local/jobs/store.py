@@ -260,7 +260,8 @@ class JobStore:
                 raise InputError(f"job {job_id} is {job.state}; only failed or cancelled jobs can be retried")
             conn.execute(
                 "UPDATE jobs SET state = 'queued', position = ?, error = NULL, note = NULL, cancel_requested = 0, "
-                "finished_at = NULL, progress_step = 0, progress_stage = NULL, eta_seconds = NULL, crashes = 0 "
+                "finished_at = NULL, progress_step = 0, progress_stage = NULL, eta_seconds = NULL, crashes = 0, "
+                "progress_fraction = NULL "
                 "WHERE id = ?",
                 (self._back(conn), job_id),
             )
@@ -346,7 +347,7 @@ class JobStore:
     def _to_queue(conn: sqlite3.Connection, job_id: int, note: str | None, position: int) -> None:
         conn.execute(
             "UPDATE jobs SET state = 'queued', position = ?, note = ?, worker_id = NULL, worker_pid = NULL, "
-            "progress_step = 0, progress_stage = NULL, eta_seconds = NULL WHERE id = ?",
+            "progress_step = 0, progress_stage = NULL, eta_seconds = NULL, progress_fraction = NULL WHERE id = ?",
             (position, note, job_id),
         )
 
@@ -367,7 +368,8 @@ class JobStore:
                 conn.execute(
                     "UPDATE jobs SET state = 'running', started_at = ?, heartbeat_at = ?, attempts = attempts + 1, "
                     "worker_id = ?, worker_pid = ?, error = NULL, progress_step = 0, progress_total = 0, "
-                    "progress_stage = 'starting', eta_seconds = NULL, progress_updated_at = ? WHERE id = ?",
+                    "progress_stage = 'starting', eta_seconds = NULL, progress_fraction = NULL, preview_path = NULL, "
+                    "progress_updated_at = ? WHERE id = ?",
                     (now, now, worker_id, os.getpid(), now, row["id"]),
                 )
                 return self._job(conn, row["id"])
@@ -383,18 +385,19 @@ class JobStore:
         stage: str | None = None,
         eta_seconds: float | None = None,
         preview_path: str | None = None,
+        fraction: float | None = None,
     ) -> bool:
-        """Record progress (None keeps a field's value) and the heartbeat; return True when the worker should stop
-        (cancel requested, or the job is no longer this worker's)."""
+        """Record progress (None keeps a field's value; `fraction` is the whole job's, 0..1) and the heartbeat;
+        return True when the worker should stop (cancel requested, or the job is no longer this worker's)."""
         now = time.time()
         with self._db.write() as conn:
             cur = conn.execute(
                 "UPDATE jobs SET progress_step = COALESCE(?, progress_step), "
                 "progress_total = COALESCE(?, progress_total), progress_stage = COALESCE(?, progress_stage), "
                 "eta_seconds = COALESCE(?, eta_seconds), preview_path = COALESCE(?, preview_path), "
-                "progress_updated_at = ?, heartbeat_at = ? "
+                "progress_fraction = COALESCE(?, progress_fraction), progress_updated_at = ?, heartbeat_at = ? "
                 "WHERE id = ? AND state = 'running' AND worker_id = ?",
-                (step, total, stage, eta_seconds, preview_path, now, now, job_id, worker_id),
+                (step, total, stage, eta_seconds, preview_path, fraction, now, now, job_id, worker_id),
             )
             if cur.rowcount == 0:
                 return True
@@ -423,7 +426,9 @@ class JobStore:
                 (state, time.time(), error, output_path, state, job_id, worker_id),
             )
             if state == "done":
-                conn.execute("UPDATE jobs SET progress_step = progress_total WHERE id = ?", (job_id,))
+                conn.execute(
+                    "UPDATE jobs SET progress_step = progress_total, progress_fraction = 1 WHERE id = ?", (job_id,)
+                )
             return cur.rowcount == 1
 
     def requeue(

@@ -202,7 +202,7 @@ def run_job(
         try:
             should_stop = store.update_progress(
                 job.id, worker_id, step=p.step, total=p.total, stage=p.stage, eta_seconds=p.eta_seconds,
-                preview_path=p.preview_path,
+                preview_path=p.preview_path, fraction=p.fraction,
             )  # fmt: skip
         except StoreError as exc:  # the next step reports again; a busy UI or a full disk must not fail the job
             log.warning("progress of job %d not recorded: %s", job.id, exc)

@@ -42,7 +42,9 @@ class StepEvent:
     """Reported after every solver step: `index` counts from 0; `latent` is the new latent (do not modify).
 
     `solver_state()` returns what, with `latent`, resumes the loop after this step (see `denoise`); the tensors
-    are shared with the solver, so save them before the next step if you keep them.
+    are shared with the solver, so save them before the next step if you keep them. `denoised()` computes this
+    step's prediction of the clean latent, x0 = x - sigma * v (what previews show: the noisy `latent` is mostly
+    noise early on); it allocates one latent-sized tensor, only when called.
     """
 
     index: int
@@ -52,6 +54,7 @@ class StepEvent:
     guide_scale: float
     latent: torch.Tensor
     solver_state: Callable[[], dict] = dict
+    denoised: Callable[[], torch.Tensor] | None = None
 
 
 def expert_for(timestep: int, boundary_timestep: float | None) -> str:
@@ -130,7 +133,13 @@ def denoise(
         if cancel is not None:
             cancel.raise_if_cancelled()
         velocity, expert, scale = guidance(latent, timestep)
+        before = latent
         latent = conditioning.impose(solver.step(velocity, latent, index))
         if on_step is not None:
-            on_step(StepEvent(index, total, int(timestep), expert, scale, latent, solver.state_dict))
+            sigma = float(schedule.sigmas[min(solver.position(index), total)])
+
+            def denoised(x: torch.Tensor = before, v: torch.Tensor = velocity, s: float = sigma) -> torch.Tensor:
+                return conditioning.impose(x - s * v)
+
+            on_step(StepEvent(index, total, int(timestep), expert, scale, latent, solver.state_dict, denoised))
     return latent

@@ -58,7 +58,10 @@ def test_view_api_lists_only_the_named_endpoints(app):
     assert {"preset", "model_dir", "device", "dtype", "force"} <= set(params)
 
 
-def test_a_job_queued_through_the_api_runs_and_its_video_comes_back_with_its_settings(app):
+def test_a_job_queued_through_the_api_runs_and_its_video_comes_back_with_its_settings(app, tiny):
+    from gradio_client import handle_file
+
+    from wan_local.jobs.store import JobStore
     from wan_local.video import read_settings
 
     client, home = app
@@ -67,12 +70,19 @@ def test_a_job_queued_through_the_api_runs_and_its_video_comes_back_with_its_set
     assert added["estimate"]["peak_ram_bytes"] > 0 and "Fits with" in added["message"], added
     job_id = added["job_id"]
 
-    # Two jobs behind it: cancelled before they start (one worker runs the queue in order), then one retried.
-    spare = client.predict(**TINY_JOB, prompt="a grey wolf", api_name="/add_job")["job_id"]
+    # An image job behind it (cancelled before it starts: one worker runs the queue in order), retried, cancelled.
+    image = tiny / "golden" / "ti2v_input.png"
+    spare = client.predict(
+        task="ti2v-5B", prompt="a grey wolf", size="64*64", frames=5, steps=2, model_dir=str(tiny / "ti2v-5B"),
+        image=handle_file(str(image)), api_name="/add_job",
+    )["job_id"]  # fmt: skip
     assert client.predict(spare, api_name="/cancel_job")["state"] == "cancelled"
     assert client.predict(spare, api_name="/retry_job")["state"] == "queued"
     assert client.predict(spare, api_name="/cancel_job")["state"] == "cancelled"
     assert "not done" in api_error(client, job_id=spare, api_name="/job_result")
+    stored = JobStore(home / "jobs.sqlite3").get(spare).settings
+    assert stored.image_source == "ti2v_input.png (uploaded)"  # not the temporary path of the upload
+    assert Path(stored.image).parent == home / "inputs" and Path(stored.image).read_bytes() == image.read_bytes()
 
     deadline, seen = time.monotonic() + 90, []
     while (status := client.predict(job_id, api_name="/job_status"))["state"] not in ("done", "failed"):

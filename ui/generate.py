@@ -204,6 +204,7 @@ class GenerateHandlers:
             settings, pred = self._checked(form)
             job = self.ctx.store.add(settings)
         except WanLocalError as exc:
+            log.info("job not queued: %s", exc)  # submitted and turned down (a prediction alone logs nothing)
             return f"✗ Not queued: {exc}"
         note = f" {pred.message}" if pred.degraded else ""
         log.info("queued job %d (%s, seed %d)", job.id, settings.task, job.resolved_seed)

@@ -19,8 +19,8 @@ video is served only from the output folder the served-files policy (`ui.served`
 `register_api` turns its methods into Gradio endpoints inside the app's Blocks. Gradio is imported only there.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: gr.api reads the endpoint functions' return annotations as objects
+# (a string would make every result untyped in view_api()).
 import logging
 from collections.abc import Mapping
 from pathlib import Path

@@ -55,7 +55,7 @@ def test_view_api_lists_only_the_named_endpoints(app):
     assert params[:11] == [
         "task", "prompt", "negative_prompt", "size", "frames", "steps", "seed", "guidance", "shift", "solver", "image",
     ]  # fmt: skip
-    assert {"preset", "model_dir", "device", "dtype", "force"} <= set(params)
+    assert {"preset", "model_dir", "device", "dtype", "force", "memory"} <= set(params)
 
 
 def test_a_job_queued_through_the_api_runs_and_its_video_comes_back_with_its_settings(app, tiny):
@@ -118,6 +118,12 @@ def test_a_job_that_does_not_fit_is_refused_with_the_admission_message(app):
     verdict = client.predict(**job, api_name="/estimate")
     assert verdict["admitted"] is False and verdict["preset"] is None and verdict["message"] == message
     assert "4k+1" in api_error(client, **{**job, "frames": 6}, api_name="/add_job")
+    assert "quant='int4' is not one of" in api_error(
+        client, **{**job, "memory": {"quant": "int4"}}, api_name="/add_job"
+    )
+    assert "unknown memory option(s) turbo" in api_error(
+        client, **{**job, "memory": {"turbo": 1}}, api_name="/estimate"
+    )
     assert "prompt is empty" in api_error(client, **{**TINY_JOB, "prompt": " "}, api_name="/add_job")
     assert "uploaded" in api_error(client, **{**job, "image": "/etc/passwd"}, api_name="/add_job")
     assert "no job 999" in api_error(client, job_id=999, api_name="/job_status")

@@ -10,10 +10,11 @@
 
 The settings are named as the CLI's `generate` options: task, prompt, negative_prompt, size ("W*H"), frames,
 steps, seed, guidance (one value or "LOW,HIGH"), shift, solver, image (an uploaded file: `handle_file(path)`),
-preset ("auto" or a preset name), model_dir, device, dtype, force. Unset ones take the task's official defaults;
-model_dir and device default to the Settings tab's. Every job goes the one way all entry points go
-(`wan_local.jobs.submit`: resolve, admit on this machine now, queue), and the worker runs it as any other. A job's
-video is served only from the output folder the served-files policy (`ui.served`) serves.
+preset ("auto" or a preset name), model_dir, device, dtype, force, and memory (the CLI's memory flags as an
+object, e.g. {"quant": "int8", "vram_budget_gb": 12}; unset ones come from the preset). Unset settings take the
+task's official defaults; model_dir and device default to the Settings tab's. Every job goes the one way all entry
+points go (`wan_local.jobs.submit`: resolve, admit on this machine now, queue), and the worker runs it as any other.
+A job's video is served only from the output folder the served-files policy (`ui.served`) serves.
 
 `ScriptingApi` holds the logic (plain values in, plain values out, WanLocalError for what the caller must fix);
 `register_api` turns its methods into Gradio endpoints inside the app's Blocks. Gradio is imported only there.
@@ -77,6 +78,31 @@ def _text(name: str, value: Any) -> str:
     return value.strip()
 
 
+#: Memory options that are numbers (GiB); the others are names (wan_local.memory.options).
+NUMERIC_MEMORY = ("vram_budget_gb", "vram_reserve_gb", "pinned_ram_cap_gb")
+
+
+def _memory(value: Any) -> dict[str, Any]:
+    """The explicit memory options (the CLI's --quant, --offload, ... flags) as field -> value; None values are
+    unset. Unknown names and bad values are refused by JobSettings / MemoryOptions with the allowed ones."""
+    if value is None or value == "":
+        return {}
+    if not isinstance(value, Mapping):
+        raise InputError(f'memory {value!r} must be an object of option -> value, e.g. {{"quant": "int8"}}')
+    from wan_local.memory.options import MemoryOptions
+
+    known = MemoryOptions.field_names()
+    unknown = sorted(str(name) for name in value if name not in known)
+    if unknown:
+        raise InputError(f"unknown memory option(s) {', '.join(unknown)}; allowed: {', '.join(known)}")
+    options = {}
+    for name, option in value.items():
+        if option is None:
+            continue
+        options[str(name)] = _number(str(name), option) if name in NUMERIC_MEMORY else _text(str(name), option)
+    return options
+
+
 def estimate_dict(estimate: Any) -> dict[str, Any] | None:
     """An estimate's figures as plain numbers, or None when there is none."""
     if estimate is None:
@@ -138,6 +164,7 @@ class ScriptingApi:
         device: str = "",
         dtype: str = "",
         force: bool = False,
+        memory: Any = None,
     ):
         """The JobSettings the named parameters describe, with the Settings tab's model folder, model files,
         device and output folder where the caller gives none; InputError naming the first bad value."""
@@ -180,6 +207,7 @@ class ScriptingApi:
             device=None if device == "auto" else device,
             dtype=_text("dtype", dtype) or None,
             preset=_text("preset", preset) or "auto",
+            memory=_memory(memory),
             output=self.ctx.new_video_path(spec.name, parsed_size or spec.default_size, clean_prompt),
             force=bool(force),
         )
@@ -310,6 +338,7 @@ def register_api(ctx: AppContext) -> ScriptingApi:
         device: str = "",
         dtype: str = "",
         force: bool = False,
+        memory: dict | None = None,
     ) -> dict:
         """Queue a video. Unset settings take the task's official defaults; model_dir and device the Settings
         tab's. Returns {"job_id", "seed", "preset", "message", "estimate"}; a job that does not fit this machine
@@ -333,6 +362,7 @@ def register_api(ctx: AppContext) -> ScriptingApi:
         device: str = "",
         dtype: str = "",
         force: bool = False,
+        memory: dict | None = None,
     ) -> dict:
         """The verdict (admitted, preset, message) and the estimate (peak VRAM / RAM bytes, seconds) a job with
         these settings would get now; nothing is queued."""

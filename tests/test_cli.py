@@ -15,7 +15,7 @@ from wan_local.errors import InputError
 from wan_local.options import parse_guide_scale
 from wan_local.pipeline import GenerationSettings, WanPipeline
 from wan_local.sampling.denoise import Cancelled, CancelToken
-from wan_local.specs import parse_size
+from wan_local.specs import DEFAULT_NEGATIVE_PROMPT, parse_size
 
 
 def test_parse_size_and_guide_scale():
@@ -37,6 +37,8 @@ def test_defaults_are_the_official_ones():
         "t2v-A14B", (1280, 720), 81, 40, 12.0, (3.0, 4.0),
     )  # fmt: skip
     assert s.seed >= 0
+    assert s.negative_prompt == DEFAULT_NEGATIVE_PROMPT  # empty means the official one, as the reference does
+    assert GenerationSettings(task="t2v-A14B", prompt="p", negative_prompt="blur").resolve().negative_prompt == "blur"
     s = GenerationSettings(task="ti2v-5B", prompt="p", seed=5).resolve()
     assert (s.size, s.frames, s.steps, s.shift, s.guide_scale, s.seed) == ((1280, 704), 121, 50, 5.0, (5.0, 5.0), 5)
     s = GenerationSettings(task="i2v-A14B", prompt="p", image="x.png").resolve()
@@ -128,3 +130,21 @@ def test_bf16_regime_stays_close_to_fp32(tiny, golden):
     assert result.latent.dtype == torch.float32
     error = rel_l2(result.latent, gold["final_latent"])
     assert 0 < error < 0.02, f"bf16 run is {error:.3g} away from the fp32 golden latent"
+
+
+def test_generate_writes_to_the_folder_the_gallery_reads(monkeypatch, tmp_path, caplog):
+    """Without --output the video goes where the app's Gallery looks: the Settings tab's output folder, else the
+    job store's <home>/outputs (not ./outputs of wherever the command ran)."""
+    import json
+
+    from wan_local.jobs.store import JobStore
+
+    monkeypatch.setenv("WAN_LOCAL_HOME", str(tmp_path))
+    path = cli.default_output_path("t2v-A14B", (64, 48), "a red fox, in snow")
+    assert path.parent == JobStore().outputs_dir == tmp_path / "outputs"
+    assert path.name.startswith("t2v-A14B_64x48_a_red_fox_in_snow_") and path.suffix == ".mp4"
+    (tmp_path / "settings.json").write_text(json.dumps({"output_dir": str(tmp_path / "videos")}))
+    assert cli.default_output_path("t2v-A14B", (64, 48), "p").parent == tmp_path / "videos"
+    (tmp_path / "settings.json").write_text("{broken")
+    assert cli.default_output_path("t2v-A14B", (64, 48), "p").parent == tmp_path / "outputs"
+    assert "cannot be read" in caplog.text

@@ -1,8 +1,9 @@
 """The Gradio UI of wan-local: `build_app(...)` lays out the tabs around the objects it is given.
 
 Nothing here holds state at module level and nothing heavy happens at import (Gradio itself is imported inside
-`build_app`). One module per tab: generate, queue, gallery, models, settings; `prediction` is the estimate
-adapter and `context` the bundle of objects the tabs share.
+`build_app`). One module per tab: generate, queue, gallery, models, settings; `api` is the scripting API (named
+endpoints; every UI callback is private, so `view_api()` lists only those), `prediction` the estimate adapter and
+`context` the bundle of objects the tabs share.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
     """The whole UI as a gr.Blocks (not launched), laid out around the objects of `ctx` (see `build_context`)."""
     import gradio as gr
 
+    from ui.api import register_api
     from ui.gallery import build_gallery_tab
     from ui.generate_form import FormValues
     from ui.generate_layout import build_generate_tab
@@ -103,7 +105,14 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                 build_models_tab(ctx)
             with gr.Tab("Settings", id="settings", elem_id="tab-settings"):
                 build_settings_tab(ctx)
+        register_api(ctx)  # the scripting API; every UI callback is api_visibility="private", so view_api() lists
+        # only these named endpoints
         model_dir = gen.inputs[FormValues.names().index("model_dir")]
-        demo.load(gen.handlers.current_model_dir, [gen.inputs[0], model_dir], model_dir)
-        demo.load(lambda *v: gen.handlers.prediction_text(FormValues(*v)), gen.inputs, gen.prediction)
+        demo.load(gen.handlers.current_model_dir, [gen.inputs[0], model_dir], model_dir, api_visibility="private")
+        demo.load(
+            lambda *v: gen.handlers.prediction_text(FormValues(*v)),
+            gen.inputs,
+            gen.prediction,
+            api_visibility="private",
+        )
     return demo

@@ -6,6 +6,8 @@ import contextlib
 import dataclasses
 import logging
 import shutil
+import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,3 +82,14 @@ class AppContext:
         """Where new videos go: the Settings tab's folder, else <home>/outputs."""
         chosen = self.settings.current.output_dir
         return Path(chosen).expanduser() if chosen else self.store.outputs_dir
+
+    def new_video_path(self, task: str, size: tuple[int, int], prompt: str) -> str | None:
+        """Where a new job's video goes: None (the worker names the file in <home>/outputs) unless the Settings
+        tab chose another folder, then a new file there named after the time, task, size and prompt."""
+        folder = self.output_dir()
+        if folder.absolute() == self.store.outputs_dir.absolute():
+            return None
+        words = "".join(c if c.isalnum() or c in "-_" else "_" for c in prompt.strip())[:40].strip("_") or "video"
+        stamp = time.strftime("%Y%m%d_%H%M%S")
+        name = f"{stamp}_{task}_{size[0]}x{size[1]}_{words}_{uuid.uuid4().hex[:6]}.mp4"
+        return str((folder / name).absolute())

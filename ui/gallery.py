@@ -201,14 +201,14 @@ def build_gallery_tab(ctx: AppContext, gen: GenerateTab, tabs: Any, tab: Any) ->
         return [handlers.rows(items), gr.update(choices=choices, value=selected), note]
 
     outputs = [table, choice, folder_md]
-    refresh_btn.click(refresh, choice, outputs)
-    tab.select(refresh, choice, outputs)
+    refresh_btn.click(refresh, choice, outputs, api_visibility="private")
+    tab.select(refresh, choice, outputs, api_visibility="private")
 
     def show(path: str | None) -> list[Any]:
         shown = bool(path) and ctx.served.show(path)  # a video of an earlier output folder: that file only
         return [path if shown else None, handlers.details(path)]
 
-    choice.change(show, choice, [video, details])
+    choice.change(show, choice, [video, details], api_visibility="private")
 
     def select_row(evt: gr.SelectData) -> Any:
         row = getattr(evt, "row_value", None)
@@ -219,8 +219,8 @@ def build_gallery_tab(ctx: AppContext, gen: GenerateTab, tabs: Any, tab: Any) ->
 
     select_row.__annotations__["evt"] = gr.SelectData  # Gradio reads the real class; postponed annotations are text
 
-    table.select(select_row, None, choice)
-    open_btn.click(handlers.open_output_folder, None, message)
+    table.select(select_row, None, choice, api_visibility="private")
+    open_btn.click(handlers.open_output_folder, None, message, api_visibility="private")
 
     def reuse(path: str | None) -> list[Any]:
         form, text = handlers.reuse(path)
@@ -228,5 +228,5 @@ def build_gallery_tab(ctx: AppContext, gen: GenerateTab, tabs: Any, tab: Any) ->
             return [text, gr.skip(), *[gr.skip()] * len(gen.fill_outputs)]
         return [text, gr.Tabs(selected="generate"), *gen.fill(form, None, text)]
 
-    reuse_btn.click(reuse, choice, [message, tabs, *gen.fill_outputs])
+    reuse_btn.click(reuse, choice, [message, tabs, *gen.fill_outputs], api_visibility="private")
     return handlers

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
-import uuid
 from pathlib import Path
 
 from ui.context import AppContext
@@ -26,6 +24,7 @@ from ui.generate_form import (
     task_defaults,
 )
 from ui.prediction import Prediction, load_components, load_dit_config, predict
+from ui.served import uploaded_source
 from wan_local.errors import InputError, WanLocalError
 from wan_local.jobs.records import JobSettings
 from wan_local.models_hub import folder_status
@@ -128,6 +127,7 @@ class GenerateHandlers:
             prompt=form.prompt.strip(),
             negative_prompt=(form.negative_prompt or "").strip(),
             image=str(image) if image else None,
+            image_source=uploaded_source(image) if image else None,
             size=size,
             frames=frames,
             steps=steps,
@@ -141,13 +141,7 @@ class GenerateHandlers:
 
     def _output_path(self, spec: TaskSpec, size: tuple[int, int], prompt: str) -> str | None:
         """None (the worker names the file in <home>/outputs) unless the Settings tab chose another folder."""
-        folder = self.ctx.output_dir()
-        if folder.absolute() == self.ctx.store.outputs_dir.absolute():
-            return None
-        words = "".join(c if c.isalnum() or c in "-_" else "_" for c in prompt.strip())[:40].strip("_") or "video"
-        stamp = time.strftime("%Y%m%d_%H%M%S")
-        name = f"{stamp}_{spec.name}_{size[0]}x{size[1]}_{words}_{uuid.uuid4().hex[:6]}.mp4"
-        return str((folder / name).absolute())
+        return self.ctx.new_video_path(spec.name, size, prompt)
 
     def prediction(self, form: FormValues) -> Prediction:
         """Estimate and admission for the form's job on this machine now. Raises InputError for a bad form."""
@@ -210,6 +204,7 @@ class GenerateHandlers:
             settings, pred = self._checked(form)
             job = self.ctx.store.add(settings)
         except WanLocalError as exc:
+            log.info("job not queued: %s", exc)  # submitted and turned down (a prediction alone logs nothing)
             return f"✗ Not queued: {exc}"
         note = f" {pred.message}" if pred.degraded else ""
         log.info("queued job %d (%s, seed %d)", job.id, settings.task, job.resolved_seed)

@@ -147,19 +147,19 @@ def build_generate_tab(ctx: AppContext, page: Any = None) -> GenerateTab:
         new = handlers.defaults(current.task, keep=current)
         return [*form_updates(new), handlers.model_status(new.task, new.model_dir)]
 
-    task.input(on_task, inputs, [*inputs, model_md])
-    size.change(lambda choice: gr.update(visible=choice == CUSTOM), size, custom_size)
+    task.input(on_task, inputs, [*inputs, model_md], api_visibility="private")
+    size.change(lambda choice: gr.update(visible=choice == CUSTOM), size, custom_size, api_visibility="private")
     length_triggers = [task.change, length_unit.change, length.change]
-    gr.on(length_triggers, lambda *v: length_info(FormValues(*v)), inputs, length_md)
-    preset.change(handlers.preset_info, preset, preset_md)
-    model_dir.change(handlers.model_status, [task, model_dir], model_md)
+    gr.on(length_triggers, lambda *v: length_info(FormValues(*v)), inputs, length_md, api_visibility="private")
+    preset.change(handlers.preset_info, preset, preset_md, api_visibility="private")
+    model_dir.change(handlers.model_status, [task, model_dir], model_md, api_visibility="private")
     predict_triggers = [
         task.change, size.change, custom_size.change, length_unit.change, length.change, steps.change, preset.change,
         model_dir.change,
     ]  # fmt: skip
     gr.on(
         predict_triggers, lambda *v: handlers.prediction_text(FormValues(*v)), inputs, prediction_md,
-        trigger_mode="always_last",
+        trigger_mode="always_last",api_visibility="private",
     )  # fmt: skip
 
     def on_unit(unit: str, *values: Any) -> Any:
@@ -173,12 +173,12 @@ def build_generate_tab(ctx: AppContext, page: Any = None) -> GenerateTab:
             return gr.update()
         return round(frames_to_seconds(spec_now, frames), 2) if unit == SECONDS else frames
 
-    length_unit.input(on_unit, [length_unit, *inputs], length)
+    length_unit.input(on_unit, [length_unit, *inputs], length, api_visibility="private")
 
     def on_add(*values: Any) -> str:
         return handlers.add(FormValues(*values))
 
-    add_btn.click(on_add, inputs, status)
+    add_btn.click(on_add, inputs, status, api_visibility="private")
 
     def on_update(job_id: int | None, *values: Any) -> list[Any]:
         message = handlers.update(job_id, FormValues(*values))
@@ -186,15 +186,24 @@ def build_generate_tab(ctx: AppContext, page: Any = None) -> GenerateTab:
         keep = None if done else job_id
         return [None if done else job_id, edit_banner(keep), *_edit_buttons(keep), message]
 
-    update_btn.click(on_update, [editing, *inputs], [editing, edit_md, add_btn, update_btn, cancel_edit_btn, status])
+    update_btn.click(
+        on_update,
+        [editing, *inputs],
+        [editing, edit_md, add_btn, update_btn, cancel_edit_btn, status],
+        api_visibility="private",
+    )
 
     def stop_editing() -> list[Any]:
         return [None, edit_banner(None), *_edit_buttons(None), "Stopped editing; the job is unchanged."]
 
-    cancel_edit_btn.click(stop_editing, None, [editing, edit_md, add_btn, update_btn, cancel_edit_btn, status])
-    editing.change(lambda e: _edit_buttons(e), editing, [add_btn, update_btn, cancel_edit_btn])
+    cancel_edit_btn.click(
+        stop_editing, None, [editing, edit_md, add_btn, update_btn, cancel_edit_btn, status], api_visibility="private"
+    )
+    editing.change(
+        lambda e: _edit_buttons(e), editing, [add_btn, update_btn, cancel_edit_btn], api_visibility="private"
+    )
     if page is not None:  # coming back from the Models or Settings tab: pick up a newly chosen model folder
-        page.select(handlers.current_model_dir, [task, model_dir], model_dir)
+        page.select(handlers.current_model_dir, [task, model_dir], model_dir, api_visibility="private")
     return tab
 
 

@@ -303,17 +303,22 @@ def build_models_tab(ctx: AppContext) -> ModelsHandlers:
             boxes = [gr.Dropdown(choices=options[r][0], value=options[r][1]) for r in _roles]
             return [handlers.status(_t), handlers.files_table(_t), *boxes]
 
-        use_btn.click(lambda f, _t=task: handlers.use_folder(_t, f), folder, message).then(
-            refresh_files, None, [status, files, *picks]
+        use_btn.click(lambda f, _t=task: handlers.use_folder(_t, f), folder, message, api_visibility="private").then(
+            refresh_files, None, [status, files, *picks], api_visibility="private"
         )
         pick_btn.click(
             lambda *values, _t=task, _roles=roles: handlers.save_picks(_t, dict(zip(_roles, values, strict=True))),
             picks,
             message,
-        ).then(refresh_files, None, [status, files, *picks])
-        variant.change(lambda v, _t=task: handlers.variant_info(_t, v), variant, info)
-        size_btn.click(lambda f, v, _t=task: handlers.check_size(_t, f, v), [folder, variant], message)
-        download_btn.click(lambda f, v, _t=task: handlers.download(_t, f, v), [folder, variant], line)
+            api_visibility="private",
+        ).then(refresh_files, None, [status, files, *picks], api_visibility="private")
+        variant.change(lambda v, _t=task: handlers.variant_info(_t, v), variant, info, api_visibility="private")
+        size_btn.click(
+            lambda f, v, _t=task: handlers.check_size(_t, f, v), [folder, variant], message, api_visibility="private"
+        )
+        download_btn.click(
+            lambda f, v, _t=task: handlers.download(_t, f, v), [folder, variant], line, api_visibility="private"
+        )
         status_boxes.append(status)
         line_boxes.append(line)
         file_boxes.append(files)
@@ -330,5 +335,5 @@ def build_models_tab(ctx: AppContext) -> ModelsHandlers:
         tables = [handlers.files_table(t) if b else gr.skip() for t, b in zip(tasks, busy, strict=True)]
         return [*lines, *statuses, *tables, handlers.loaded()]
 
-    timer.tick(refresh, None, [*line_boxes, *status_boxes, *file_boxes, loaded])
+    timer.tick(refresh, None, [*line_boxes, *status_boxes, *file_boxes, loaded], api_visibility="private")
     return handlers

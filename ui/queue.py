@@ -284,7 +284,12 @@ def build_queue_tab(ctx: AppContext, gen: GenerateTab, tabs: Any) -> QueueHandle
         image = gr.skip() if key == last_key else view.preview_path
         return [handlers.rows(), view.html, image, line, gr.update(visible=show), key]
 
-    timer.tick(refresh, last_preview, [table, running_html, preview, worker_md, restart_btn, last_preview])
+    timer.tick(
+        refresh,
+        last_preview,
+        [table, running_html, preview, worker_md, restart_btn, last_preview],
+        api_visibility="private",
+    )
 
     def select(evt: gr.SelectData) -> Any:
         row = getattr(evt, "row_value", None)
@@ -292,17 +297,22 @@ def build_queue_tab(ctx: AppContext, gen: GenerateTab, tabs: Any) -> QueueHandle
 
     select.__annotations__["evt"] = gr.SelectData  # Gradio reads the real class; postponed annotations are text
 
-    table.select(select, None, job_id)
+    table.select(select, None, job_id, api_visibility="private")
 
     for name, button in buttons.items():
-        button.click(lambda j, _name=name: [handlers.action(_name, j), handlers.rows()], job_id, [message, table])
+        button.click(
+            lambda j, _name=name: [handlers.action(_name, j), handlers.rows()],
+            job_id,
+            [message, table],
+            api_visibility="private",
+        )
 
     def restart() -> list[Any]:
         text = handlers.restart_worker()
         line, show = handlers.worker_line()
         return [text, line, gr.update(visible=show)]
 
-    restart_btn.click(restart, None, [message, worker_md, restart_btn])
+    restart_btn.click(restart, None, [message, worker_md, restart_btn], api_visibility="private")
 
     def edit(j: Any) -> list[Any]:
         form, editing, text = handlers.load_for_edit(j)
@@ -310,5 +320,5 @@ def build_queue_tab(ctx: AppContext, gen: GenerateTab, tabs: Any) -> QueueHandle
             return [text, gr.skip(), *[gr.skip()] * len(gen.fill_outputs)]
         return [text, gr.Tabs(selected="generate"), *gen.fill(form, editing, text)]
 
-    edit_btn.click(edit, job_id, [message, tabs, *gen.fill_outputs])
+    edit_btn.click(edit, job_id, [message, tabs, *gen.fill_outputs], api_visibility="private")
     return handlers

@@ -192,6 +192,23 @@ def file_route_target(scope: dict[str, Any]) -> str | None:
     return None
 
 
+def gradio_folders() -> tuple[Path, ...]:
+    """Gradio's upload and cache folders (real paths): where uploads land and handler outputs are copied."""
+    from gradio.utils import get_cache_folder, get_upload_folder
+
+    return real_path(get_upload_folder()), real_path(get_cache_folder())
+
+
+def uploaded_source(path: Path | str, name: str | None = None) -> str | None:
+    """Where an uploaded file came from, "<its name> (uploaded)", when `path` lies in Gradio's upload or cache
+    folder (name: the name it had on the user's computer, else the file's own name, which Gradio keeps); None for
+    any other path. The temporary path itself says nothing once Gradio clears its cache."""
+    real = real_path(path)
+    if not any(is_within(real, folder) for folder in gradio_folders()):
+        return None
+    return f"{Path(name).name if name else real.name} (uploaded)"
+
+
 def guard_middleware(served: ServedFiles) -> Any:
     """The entry for launch(app_kwargs={"middleware": [...]}): ServedFilesGuard with Gradio's own folders."""
     from gradio.utils import get_cache_folder, get_upload_folder

@@ -88,5 +88,11 @@ def build_settings_tab(ctx: AppContext) -> SettingsHandlers:
     save = gr.Button("Save settings", variant="primary", elem_id="settings-save")
     message = gr.Markdown(elem_id="settings-message")
     gr.Markdown(f"Settings file: `{ctx.settings.path}` · job queue: `{ctx.store.path}`")
-    save.click(handlers.save, [output, *folders, device, port, listen], message, api_name="save_settings")
+    save.click(
+        handlers.save,
+        [output, *folders, device, port, listen],
+        message,
+        api_name="save_settings",
+        api_visibility="undocumented",  # not part of the scripting API, but callable: test_served saves through it
+    )
     return handlers

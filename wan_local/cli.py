@@ -31,8 +31,13 @@ log = logging.getLogger("wan_local")
 EXIT_ERROR, EXIT_OOM, EXIT_INTERRUPTED = 2, 3, 130
 
 
-def default_output_path(task: str, size: tuple[int, int], prompt: str, folder: Path = Path("outputs")) -> Path:
-    """outputs/<task>_<W>x<H>_<first words of the prompt>_<timestamp>.mp4"""
+def default_output_path(task: str, size: tuple[int, int], prompt: str, folder: Path | None = None) -> Path:
+    """<folder>/<task>_<W>x<H>_<first words of the prompt>_<timestamp>.mp4; the folder defaults to the one the app's
+    Gallery shows (`settings.videos_folder`: the Settings tab's output folder, else <data folder>/outputs)."""
+    if folder is None:
+        from wan_local.settings import videos_folder
+
+        folder = videos_folder()
     words = re.sub(r"[^\w-]+", "_", prompt.strip())[:50].strip("_") or "video"
     stamp = time.strftime("%Y%m%d_%H%M%S")
     return folder / f"{task}_{size[0]}x{size[1]}_{words}_{stamp}.mp4"

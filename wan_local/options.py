@@ -48,7 +48,11 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=-1, help="random seed (-1: random; the seed used is printed)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="DiT and UMT5 weights (default bf16; fp32 doubles RAM)")
-    p.add_argument("--output", type=Path, help="output .mp4 (default: outputs/<task>_<size>_<prompt>_<time>.mp4)")
+    p.add_argument(
+        "--output",
+        type=Path,
+        help="output .mp4 (default: a new file named after the task, size and prompt in the folder the Gallery shows)",
+    )
 
 
 def generation_fields(args: argparse.Namespace) -> dict[str, object]:

@@ -264,7 +264,7 @@ class WanPipeline:
         self.experts.configure(plan, keep_idle)
         try:
             stage("encode_text")
-            context, negative = self.encode_prompts(s.prompt, s.negative_prompt or self.spec.negative_prompt)
+            context, negative = self.encode_prompts(s.prompt, s.negative_prompt)
             stage("condition")
             conditioning = self.build_conditioning(s, image, plan)
             noise = resume[0].to(self.device) if resume else self.noise(conditioning.latent_shape, s.seed)

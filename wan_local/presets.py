@@ -415,7 +415,7 @@ def admit(
                 f"Runs with '{candidate.label}' instead of '{preset.label}' ({'; '.join(problems)}); "
                 f"with '{candidate.label}' it {fits}." + _paging_note(problems)
             )
-            log.info("job degraded: %s", message)
+            log.debug("degraded: %s", message)  # a verdict, not an event: predictions ask this on every edit
             return Admission(preset, candidate, message, vram_peak, ram_peak)
         problems.append(f"with '{candidate.label}' it {problem}")
     message = (
@@ -423,7 +423,7 @@ def admit(
         f"({'; '.join(problems)}). Try fewer frames, a smaller size or TI2V-5B, or close other programs to free "
         "RAM." + _paging_note(problems)
     )
-    log.info("job refused: %s", message)
+    log.debug("does not fit: %s", message)  # logged as "job refused" only where a job is refused (engine.admit)
     return Admission(preset, None, message, vram_peak, ram_peak)
 
 

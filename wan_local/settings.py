@@ -160,6 +160,21 @@ def settings_path(home: Path | str | None = None) -> Path:
     return Path(platformdirs.user_config_dir("wan-local", appauthor=False)) / SETTINGS_NAME
 
 
+def videos_folder() -> Path:
+    """Where new videos go, the folder the app's Gallery reads: the Settings tab's output folder, else
+    `<data folder>/outputs` (the job store's). The settings are the app's own: `<$WAN_LOCAL_HOME>/settings.json`
+    when that is set, else the per-user file; unreadable settings give the default folder, with a warning."""
+    from wan_local import paths
+
+    home = os.environ.get(paths.HOME_ENV)
+    try:
+        chosen = load_settings(settings_path(Path(home).expanduser() if home else None)).output_dir
+    except SettingsError as exc:
+        log.warning("%s; videos go to the default folder", exc)
+        chosen = None
+    return Path(chosen).expanduser() if chosen else paths.data_dir() / "outputs"
+
+
 def load_settings(path: Path | str) -> AppSettings:
     """Read settings from `path`; a missing file gives the defaults. Raises SettingsError for an unreadable file."""
     path = Path(path)

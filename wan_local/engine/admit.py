@@ -72,7 +72,10 @@ class JobAdmission:
         return self.verdict.message
 
     def raise_if_refused(self) -> None:
+        """JobRefused with the admission's message when the job is refused (and that is logged: a job that was
+        submitted is refused here, while a prediction only asks for the verdict and logs nothing)."""
         if not self.admitted:
+            log.info("job refused: %s", self.message)
             raise JobRefused(self.message)
 
 

@@ -51,7 +51,8 @@ def check_seed(seed: int) -> int:
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Everything that determines a video. `None` fields take the task's official default on `resolve`.
+    """Everything that determines a video. `None` fields take the task's official default on `resolve`, and so does
+    an empty negative prompt (the official code's rule), so a resolved job records the negative prompt it runs with.
 
     size is (width, height); for image tasks it only gives the area (the image gives the aspect).
     guide_scale is (low-noise expert, high-noise expert). seed -1 means "pick one" (the resolved seed is kept).
@@ -97,6 +98,7 @@ class GenerationSettings:
         return dataclasses.replace(
             self,
             task=spec.name,
+            negative_prompt=self.negative_prompt or spec.negative_prompt,
             size=(int(size[0]), int(size[1])),
             frames=int(frames),
             steps=int(steps),

@@ -34,17 +34,11 @@ def _describe(job: Job) -> str:
 def _queue_add(args: argparse.Namespace) -> int:
     """Resolve and admit the job as the worker will (refused: nothing is queued), then queue it with the preset
     it was admitted with."""
-    import dataclasses
+    from wan_local.jobs.submit import queue_job
 
-    from wan_local.engine.admit import admit_job
-    from wan_local.engine.resolve import resolve_job
-
-    settings = job_settings_from_args(args)
-    admission = admit_job(resolve_job(settings), force=settings.force, refused="Not queued")
-    admission.raise_if_refused()
+    job, admission = queue_job(JobStore(args.store), job_settings_from_args(args))
     if admission.degraded or admission.forced:
         print(admission.message, file=sys.stderr, flush=True)
-    job = JobStore(args.store).add(dataclasses.replace(settings, preset=admission.preset.name))
     print(f"queued job {job.id} (seed {job.resolved_seed}, preset {admission.preset.name})", flush=True)
     return 0
 

@@ -8,7 +8,8 @@ that name the file and the remedy) is `wan_local.jobs.database`; which worker se
 `wan_local.jobs.registry`; what a row means (and how a damaged one is set aside) is `wan_local.jobs.records`.
 
 A job's input image is copied into the store's folder when the job is added, so deleting or editing the
-original loses nothing.
+original loses nothing; `image_source` records where it came from (the path given, unless the caller names the
+source itself, as the app does for a browser upload).
 
 States: queued -> running -> done | failed | cancelled; failed/cancelled -> queued (retry);
 running -> queued (worker died, stopped, or an out-of-memory retry with a lower preset); any -> failed (a damaged
@@ -155,9 +156,8 @@ class JobStore:
         if validate:
             settings.check()
         if settings.image and Path(settings.image).parent != self.inputs_dir:
-            settings = dataclasses.replace(
-                settings, image=self._copy_image(settings.image), image_source=str(settings.image)
-            )
+            source = settings.image_source or str(settings.image)  # where it came from: a caller may know better
+            settings = dataclasses.replace(settings, image=self._copy_image(settings.image), image_source=source)
         return settings
 
     def add(self, settings: JobSettings, *, validate: bool = True) -> Job:
@@ -196,8 +196,8 @@ class JobStore:
         if current.state != "queued":  # checked again below, in the transaction; this gives the clear message early
             raise InputError(f"job {job_id} is {current.state}; only queued jobs can be edited")
         settings = dataclasses.replace(current.settings, **changes)
-        if "image" in changes and changes["image"] is None:
-            settings = dataclasses.replace(settings, image_source=None)
+        if "image" in changes and "image_source" not in changes and changes["image"] != current.settings.image:
+            settings = dataclasses.replace(settings, image_source=None)  # a new picture: the old source is wrong
         settings = self._prepare(settings, validate)
         seed = current.resolved_seed
         if "seed" in changes:

@@ -245,9 +245,10 @@ def build_queue_tab(ctx: AppContext, gen: GenerateTab, tabs: Any) -> QueueHandle
         restart_btn = gr.Button("Restart worker", visible=show_restart, size="sm", elem_id="queue-restart")
     with gr.Row():
         with gr.Column(scale=3):
-            # Computed per page load (a callable value), and the preview starts empty: the timer's first tick
-            # brings the running job's preview, so a fresh page never shows one from when the app started.
-            running_html = gr.HTML(lambda: handlers.running().html, elem_id="queue-running-box")
+            # Both start empty and the timer's first tick (within REFRESH_S) fills them, so a fresh page never shows
+            # the running line or preview of when the app started (a callable value would also be a public API
+            # endpoint of its own).
+            running_html = gr.HTML("", elem_id="queue-running-box")
             table = gr.Dataframe(
                 value=handlers.rows(), headers=HEADERS, interactive=False, wrap=True, max_height=520,
                 elem_id="queue-table",

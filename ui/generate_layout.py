@@ -34,18 +34,36 @@ class GenerateTab:
     edit_banner: Any
     prediction: Any
     handlers: GenerateHandlers
+    length_info: Any = None
 
     def fill(self, form: FormValues, editing: int | None, message: str) -> list[Any]:
-        """Outputs for `fill_outputs`: the form's values (with the task's choices), the edit state, banner, status.
+        """Outputs for `fill_outputs`: the form's values (with the task's choices), the edit state, banner, status,
+        and the length line and prediction of the new form (computed here, in the same update: see `task_update`).
         The form's input image (the store's copy) is shown, that file only."""
         if form.image and not self.handlers.ctx.served.show(form.image):
             form = dataclasses.replace(form, image=None)
-        return [*form_updates(form), editing, edit_banner(editing), message]
+        return [*form_updates(form), editing, edit_banner(editing), message, *derived_lines(self.handlers, form)]
 
     @property
     def fill_outputs(self) -> list[Any]:
         """The components `fill` returns values for, in order."""
-        return [*self.inputs, self.editing, self.edit_banner, self.status]
+        return [*self.inputs, self.editing, self.edit_banner, self.status, self.length_info, self.prediction]
+
+
+def derived_lines(handlers: GenerateHandlers, form: FormValues) -> list[str]:
+    """The length line and the prediction panel of `form`."""
+    return [length_info(form), handlers.prediction_text(form)]
+
+
+def task_update(handlers: GenerateHandlers, current: FormValues) -> list[Any]:
+    """Everything a task switch changes, as one update: the new task's form (its size choices and size together),
+    the model folder line, the length line and the prediction.
+
+    The length line and the prediction must not listen to `task.change` themselves: such an event would send the
+    size chosen for the old task while this update swaps the size choices, and Gradio would refuse that value
+    ("Value: '1280*720' … not in the list of choices", a red Error toast on every task switch)."""
+    new = handlers.defaults(current.task, keep=current)
+    return [*form_updates(new), handlers.model_status(new.task, new.model_dir), *derived_lines(handlers, new)]
 
 
 def edit_banner(editing: int | None) -> Any:
@@ -140,29 +158,26 @@ def build_generate_tab(ctx: AppContext, page: Any = None) -> GenerateTab:
         shift, solver, preset, model_dir,
     ]  # fmt: skip
     assert len(inputs) == len(FormValues.names())
-    tab = GenerateTab(inputs, editing, status, edit_md, prediction_md, handlers)
+    tab = GenerateTab(inputs, editing, status, edit_md, prediction_md, handlers, length_md)
 
     def on_task(*values: Any) -> list[Any]:
-        current = FormValues(*values)
-        new = handlers.defaults(current.task, keep=current)
-        return [*form_updates(new), handlers.model_status(new.task, new.model_dir)]
+        return task_update(handlers, FormValues(*values))
 
-    task.input(on_task, inputs, [*inputs, model_md])
-    size.change(lambda choice: gr.update(visible=choice == CUSTOM), size, custom_size)
-    length_triggers = [task.change, length_unit.change, length.change]
-    gr.on(length_triggers, lambda *v: length_info(FormValues(*v)), inputs, length_md)
+    task.input(on_task, inputs, [*inputs, model_md, length_md, prediction_md])
+    size.input(lambda choice: gr.update(visible=choice == CUSTOM), size, custom_size)
+    # Only what the user does triggers the length line and the prediction (`.input`, never `.change`): a
+    # `.change` also fires for values that an update of several fields sets, and would send the form half-updated
+    # (see task_update). Updates that change the form compute those lines themselves (task_update, fill, on_unit).
+    gr.on([length.input], lambda *v: length_info(FormValues(*v)), inputs, length_md)
     preset.change(handlers.preset_info, preset, preset_md)
     model_dir.change(handlers.model_status, [task, model_dir], model_md)
-    predict_triggers = [
-        task.change, size.change, custom_size.change, length_unit.change, length.change, steps.change, preset.change,
-        model_dir.change,
-    ]  # fmt: skip
+    predict_triggers = [size.input, custom_size.input, length.input, steps.input, preset.input, model_dir.input]
     gr.on(
         predict_triggers, lambda *v: handlers.prediction_text(FormValues(*v)), inputs, prediction_md,
         trigger_mode="always_last",
     )  # fmt: skip
 
-    def on_unit(unit: str, *values: Any) -> Any:
+    def on_unit(unit: str, *values: Any) -> list[Any]:
         # Converting the number keeps the length the same when the unit flips.
         current = FormValues(*values)
         spec_now = get_task(current.task)
@@ -170,10 +185,11 @@ def build_generate_tab(ctx: AppContext, page: Any = None) -> GenerateTab:
             old = dataclasses.replace(current, length_unit=FRAMES if unit == SECONDS else SECONDS)
             frames = resolve_frames(old, spec_now)
         except WanLocalError:
-            return gr.update()
-        return round(frames_to_seconds(spec_now, frames), 2) if unit == SECONDS else frames
+            return [gr.update(), *derived_lines(handlers, current)]
+        length_now = round(frames_to_seconds(spec_now, frames), 2) if unit == SECONDS else frames
+        return [length_now, *derived_lines(handlers, dataclasses.replace(current, length=length_now))]
 
-    length_unit.input(on_unit, [length_unit, *inputs], length)
+    length_unit.input(on_unit, [length_unit, *inputs], [length, length_md, prediction_md])
 
     def on_add(*values: Any) -> str:
         return handlers.add(FormValues(*values))
@@ -194,7 +210,9 @@ def build_generate_tab(ctx: AppContext, page: Any = None) -> GenerateTab:
     cancel_edit_btn.click(stop_editing, None, [editing, edit_md, add_btn, update_btn, cancel_edit_btn, status])
     editing.change(lambda e: _edit_buttons(e), editing, [add_btn, update_btn, cancel_edit_btn])
     if page is not None:  # coming back from the Models or Settings tab: pick up a newly chosen model folder
-        page.select(handlers.current_model_dir, [task, model_dir], model_dir)
+        page.select(handlers.current_model_dir, [task, model_dir], model_dir).then(
+            lambda *v: handlers.prediction_text(FormValues(*v)), inputs, prediction_md
+        )
     return tab
 
 

@@ -84,7 +84,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
     from ui.generate_form import FormValues
     from ui.generate_layout import build_generate_tab
     from ui.models import build_models_tab
-    from ui.queue import build_queue_tab
+    from ui.queue_layout import build_queue_tab
     from ui.settings import build_settings_tab
 
     with gr.Blocks(title="wan-local", analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
@@ -96,13 +96,17 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             with gr.Tab("Generate", id="generate", elem_id="tab-generate") as generate_tab:
                 gen = build_generate_tab(ctx, generate_tab)
             with gr.Tab("Queue", id="queue", elem_id="tab-queue"):
-                build_queue_tab(ctx, gen, tabs)
+                queue = build_queue_tab(ctx, gen, tabs)
             with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery") as gallery_tab:
-                build_gallery_tab(ctx, gen, tabs, gallery_tab)
+                gallery = build_gallery_tab(ctx, gen, tabs, gallery_tab)
             with gr.Tab("Models", id="models", elem_id="tab-models"):
                 build_models_tab(ctx)
             with gr.Tab("Settings", id="settings", elem_id="tab-settings"):
                 build_settings_tab(ctx)
+        # "Open in Gallery" on a done job: select its video there first, then show the tab.
+        queue.open_button.click(
+            lambda job_id: gallery.open(queue.handlers.selection(job_id).video), queue.selected, gallery.outputs
+        ).then(lambda: gr.Tabs(selected="gallery"), None, tabs)
         model_dir = gen.inputs[FormValues.names().index("model_dir")]
         demo.load(gen.handlers.current_model_dir, [gen.inputs[0], model_dir], model_dir)
         demo.load(lambda *v: gen.handlers.prediction_text(FormValues(*v)), gen.inputs, gen.prediction)

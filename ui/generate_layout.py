@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from ui.batch import MAX_BATCH
 from ui.context import AppContext
 from ui.generate import GenerateHandlers
 from ui.generate_form import (
@@ -22,6 +24,9 @@ from ui.generate_form import (
 )
 from wan_local.errors import WanLocalError
 from wan_local.specs import TASKS, get_task
+
+#: How often the Generate tab looks at the job it queued (seconds); the Queue tab refreshes as often.
+JOB_REFRESH_S = 1.5
 
 
 @dataclass
@@ -140,6 +145,15 @@ def build_generate_tab(ctx: AppContext, page: Any = None) -> GenerateTab:
                 )  # fmt: skip
                 shift = gr.Number(value=form.shift, label="Shift", elem_id="gen-shift")
                 solver = gr.Radio(list(SOLVERS), value=form.solver, label="Solver", elem_id="gen-solver")
+            with gr.Accordion("Batch: variations and a prompt list", open=False, elem_id="gen-batch"), gr.Row():
+                variations = gr.Number(
+                    value=1, label="Variations (seeds s, s+1, …)", precision=0, minimum=1, maximum=MAX_BATCH,
+                    elem_id="gen-variations",
+                )  # fmt: skip
+                prompt_list = gr.Textbox(
+                    label="Prompt list, one per line (replaces the prompt; each gets every variation)", lines=3,
+                    elem_id="gen-prompt-list",
+                )  # fmt: skip
         with gr.Column(scale=2):
             preset = gr.Dropdown(preset_choices, value=AUTO, label="Memory preset", elem_id="gen-preset")
             preset_md = gr.Markdown(handlers.preset_info(AUTO), elem_id="gen-preset-info")
@@ -151,7 +165,16 @@ def build_generate_tab(ctx: AppContext, page: Any = None) -> GenerateTab:
                 update_btn = gr.Button("Update job", visible=False, elem_id="gen-update")
                 cancel_edit_btn = gr.Button("Stop editing", visible=False, elem_id="gen-stop-edit")
             status = gr.Markdown(elem_id="gen-status")
+            job_html = gr.HTML(elem_id="gen-job")
+            with gr.Row():
+                job_preview = gr.Image(
+                    label="Latent preview", interactive=False, height=200, visible=False, elem_id="gen-preview"
+                )
+                job_video = gr.Video(label="Result", interactive=False, visible=False, height=240, elem_id="gen-video")
     editing = gr.State(None)
+    watching = gr.State([])  # ids of the jobs this tab queued last (one, or a batch)
+    shown = gr.State(None)  # (preview path, mtime, video path) last sent: each send copies the file
+    job_timer = gr.Timer(JOB_REFRESH_S, active=False)
 
     inputs = [
         task, prompt, negative, image, size, custom_size, length_unit, length, steps, seed, guide_low, guide_high,
@@ -191,10 +214,29 @@ def build_generate_tab(ctx: AppContext, page: Any = None) -> GenerateTab:
 
     length_unit.input(on_unit, [length_unit, *inputs], [length, length_md, prediction_md])
 
-    def on_add(*values: Any) -> str:
-        return handlers.add(FormValues(*values))
+    def on_add(count: Any, prompts: str, *values: Any) -> list[Any]:
+        message, ids = handlers.add_batch(FormValues(*values), count, prompts)
+        if not ids:
+            return [message, gr.skip(), gr.skip()]
+        return [message, ids, gr.Timer(active=True)]
 
-    add_btn.click(on_add, inputs, status)
+    add_btn.click(on_add, [variations, prompt_list, *inputs], [status, watching, job_timer])
+
+    def on_tick(ids: list[int], last: Any) -> list[Any]:
+        view = handlers.panel(ids)
+        served = view.video_path if view.video_path and ctx.served.show(view.video_path) else None
+        key = (_file_key(view.preview_path), served)
+        media: list[Any] = [gr.skip(), gr.skip()]
+        if key != last:
+            media = [
+                gr.update(value=view.preview_path, visible=view.preview_path is not None),
+                gr.update(value=served, visible=served is not None),
+            ]
+        return [view.html, *media, gr.Timer(active=view.active), key]
+
+    panel_outputs = [job_html, job_preview, job_video, job_timer, shown]
+    job_timer.tick(on_tick, [watching, shown], panel_outputs, show_progress="hidden")
+    watching.change(on_tick, [watching, shown], panel_outputs, show_progress="hidden")
 
     def on_update(job_id: int | None, *values: Any) -> list[Any]:
         message = handlers.update(job_id, FormValues(*values))
@@ -214,6 +256,14 @@ def build_generate_tab(ctx: AppContext, page: Any = None) -> GenerateTab:
             lambda *v: handlers.prediction_text(FormValues(*v)), inputs, prediction_md
         )
     return tab
+
+
+def _file_key(path: str | None) -> tuple[str, int] | None:
+    """(path, mtime) of a file that may be replaced at any moment (the worker rewrites the preview), None if gone."""
+    try:
+        return (path, Path(path).stat().st_mtime_ns) if path else None
+    except OSError:
+        return None
 
 
 def _edit_buttons(editing: int | None) -> list[Any]:

@@ -1,0 +1,133 @@
+"""The Queue tab's layout: the running job with its preview, the job table, the selected row with the actions its
+state allows, "clear finished", and the gr.Timer that refreshes it all from the JobStore (`ui.queue`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ui.context import AppContext
+from ui.generate_layout import GenerateTab
+from ui.queue import ACTIONS, COLUMN_WIDTHS, HEADERS, REFRESH_S, QueueHandlers
+
+BUTTONS = {
+    "cancel": ("Cancel", "stop"),
+    "retry": ("Retry", "secondary"),
+    "up": ("Move up", "secondary"),
+    "down": ("Move down", "secondary"),
+    "remove": ("Delete from list", "secondary"),
+    "edit": ("Edit in Generate tab", "secondary"),
+    "open": ("Open in Gallery", "primary"),
+}
+assert tuple(BUTTONS) == ACTIONS
+
+
+@dataclass
+class QueueTab:
+    """Handles build_app wires to other tabs: the selected job's id and the "Open in Gallery" button."""
+
+    handlers: QueueHandlers
+    selected: Any
+    open_button: Any
+
+
+def build_queue_tab(ctx: AppContext, gen: GenerateTab, tabs: Any) -> QueueTab:
+    """Lay out the Queue tab inside the current gr.Tab and wire its events (the timer included)."""
+    import gradio as gr
+
+    handlers = QueueHandlers(ctx)
+    line, show_restart = handlers.worker_line()
+    with gr.Row():
+        worker_md = gr.Markdown(line, elem_id="queue-worker")
+        restart_btn = gr.Button("Restart worker", visible=show_restart, size="sm", elem_id="queue-restart")
+    view = handlers.running()
+    with gr.Row():
+        with gr.Column(scale=4):
+            running_html = gr.HTML(view.html, elem_id="queue-running-box")
+            table = gr.Dataframe(
+                value=handlers.rows(), headers=HEADERS, interactive=False, wrap=True, max_height=520,
+                column_widths=COLUMN_WIDTHS, elem_id="queue-table",
+            )  # fmt: skip
+        with gr.Column(scale=1, min_width=240):
+            preview = gr.Image(
+                value=view.preview_path, label="Latent preview of the running job", interactive=False, height=200,
+                elem_id="queue-preview",
+            )  # fmt: skip
+            video = gr.Video(label="Selected job's video", interactive=False, visible=False, elem_id="queue-video")
+    pick = handlers.selection(None)
+    selected_md = gr.Markdown(pick.text, elem_id="queue-selected")
+    with gr.Row():
+        buttons = {
+            name: gr.Button(label, variant=variant, visible=False, size="sm", elem_id=f"queue-{name}")
+            for name, (label, variant) in BUTTONS.items()
+        }
+        clear_btn = gr.Button("Clear finished", size="sm", elem_id="queue-clear")
+    message = gr.Markdown(elem_id="queue-message")
+    selected = gr.State(None)
+    last_preview = gr.State(None)
+    timer = gr.Timer(REFRESH_S)
+
+    def selection_updates(job_id: Any) -> list[Any]:
+        pick = handlers.selection(job_id)
+        return [pick.text, *[gr.update(visible=name in pick.actions) for name in BUTTONS]]
+
+    selection_outputs = [selected_md, *buttons.values()]
+
+    def refresh(last_key: Any, job_id: Any) -> list[Any]:
+        view = handlers.running()
+        line, show = handlers.worker_line()
+        key = None
+        if view.preview_path:
+            try:
+                key = (view.preview_path, Path(view.preview_path).stat().st_mtime_ns)
+            except OSError:  # replaced by the worker just now: the next tick sends it
+                key = last_key
+        # Only send a new preview when the file changed: each send copies it into Gradio's cache.
+        image = gr.skip() if key == last_key else view.preview_path
+        return [handlers.rows(), view.html, image, line, gr.update(visible=show), key, *selection_updates(job_id)]
+
+    timer.tick(
+        refresh, [last_preview, selected],
+        [table, running_html, preview, worker_md, restart_btn, last_preview, *selection_outputs],
+        show_progress="hidden",
+    )  # fmt: skip
+
+    def select(evt: gr.SelectData) -> list[Any]:
+        row = getattr(evt, "row_value", None)
+        if not row:
+            return [gr.skip()] * (2 + len(selection_outputs))
+        pick = handlers.selection(row[0])
+        shown = pick.video if pick.video and ctx.served.show(pick.video) else None
+        return [pick.job_id, gr.update(value=shown, visible=shown is not None), *selection_updates(pick.job_id)]
+
+    select.__annotations__["evt"] = gr.SelectData  # Gradio reads the real class; postponed annotations are text
+
+    table.select(select, None, [selected, video, *selection_outputs])
+
+    for name in ("cancel", "retry", "up", "down", "remove"):
+        buttons[name].click(
+            lambda j, _name=name: [handlers.action(_name, j), handlers.rows(), *selection_updates(j)],
+            selected, [message, table, *selection_outputs],
+        )  # fmt: skip
+
+    def clear() -> list[Any]:
+        return [handlers.clear_finished(), handlers.rows()]
+
+    clear_btn.click(clear, None, [message, table])
+
+    def restart() -> list[Any]:
+        text = handlers.restart_worker()
+        line, show = handlers.worker_line()
+        return [text, line, gr.update(visible=show)]
+
+    restart_btn.click(restart, None, [message, worker_md, restart_btn])
+
+    def edit(j: Any) -> list[Any]:
+        form, editing, text = handlers.load_for_edit(j)
+        if form is None:
+            return [text, gr.skip(), *[gr.skip()] * len(gen.fill_outputs)]
+        return [text, gr.Tabs(selected="generate"), *gen.fill(form, editing, text)]
+
+    buttons["edit"].click(edit, selected, [message, tabs, *gen.fill_outputs])
+    return QueueTab(handlers, selected, buttons["open"])

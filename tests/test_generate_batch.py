@@ -5,6 +5,7 @@ done (with its video); a selected row offers the actions its state allows; "clea
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +17,7 @@ from ui.batch import MAX_BATCH, batch_forms
 from ui.generate import GenerateHandlers
 from ui.generate_form import CUSTOM, FRAMES, RANDOM, FormValues
 from ui.queue import QueueHandlers, allowed_actions, job_row, short_seed
+from ui.thumbnails import poster
 from wan_local.engine.request import MAX_SEED
 from wan_local.errors import InputError
 from wan_local.jobs.store import JobSettings, JobStore
@@ -187,3 +189,29 @@ def test_a_selected_row_offers_what_its_state_allows_and_clear_finished_keeps_th
     assert sorted(j.state for j in store.list()) == ["queued", "running"]
     assert q.clear_finished() == "No finished jobs to clear."
     assert {j.id for j in store.list()} == {queued_id, running_id}
+
+
+def test_finished_jobs_get_a_poster_of_their_first_frame_made_once(make_ctx):
+    ctx = make_ctx()
+    store, q = ctx.store, QueueHandlers(ctx)
+    frames = torch.full((3, 5, 48, 64), -1.0)
+    frames[0, 0] = 1.0  # the first frame red, the others black
+    video = save_video(frames, ctx.output_dir() / "red.mp4", 16, {"prompt": "red"})
+    job_id = add(store, "red", 5)
+    add(store, "waiting", 6)
+    store.register_worker("w1")
+    store.claim_next("w1")
+    store.finish(job_id, "w1", "done", output_path=str(video))
+    ((shown_id, path, caption),) = q.thumbnails()  # the waiting job has no video yet
+    assert (shown_id, caption) == (job_id, f"#{job_id} · seed 5")
+    assert Path(path).parent == store.previews_dir / "posters" and ctx.served.serves(path)
+    with Image.open(path) as image:
+        assert image.size == (64, 48)  # smaller than POSTER_SIZE: kept
+        r, g, b = image.convert("RGB").getpixel((32, 24))
+    assert r > 200 and g < 60 and b < 60, (r, g, b)
+    made = Path(path).stat().st_mtime_ns
+    assert q.thumbnails()[0][1] == path and Path(path).stat().st_mtime_ns == made  # made once
+    with Image.open(poster(video, store.previews_dir / "posters", size=32)) as small:
+        assert small.size == (32, 24)  # scaled to the longest side, aspect kept
+    video.unlink()
+    assert q.thumbnails() == []

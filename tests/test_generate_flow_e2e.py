@@ -62,6 +62,8 @@ def test_generate_tab_switches_tasks_quietly_and_follows_its_batch_to_the_video(
             expect(prediction).to_contain_text("64×48, 5 frames, 3 steps")
             page.locator("#gen-batch").get_by_text("Batch").click()
             _field(page, "gen-variations").fill("2")
+            _field(page, "gen-variations").blur()
+            expect(_field(page, "gen-variations")).to_have_value("2")
             page.locator("#gen-add").click()
             expect(page.locator("#gen-status")).to_contain_text("Queued 2 jobs #1–#2 (seeds 41…42")
 
@@ -90,6 +92,7 @@ def test_generate_tab_switches_tasks_quietly_and_follows_its_batch_to_the_video(
             expect(page.locator("#queue-open")).to_be_visible()
             expect(page.locator("#queue-retry")).to_be_hidden()
             expect(page.locator("#queue-video video")).to_have_count(1)
+            expect(page.locator("#queue-thumbs img")).to_have_count(2)  # poster frames of the two videos
             page.screenshot(path=str(ARTIFACTS / "flow_queue.png"), full_page=True)
             page.locator("#queue-open").click()
             expect(page.locator("#gallery-details")).to_contain_text("seed: 41")  # job #1's, not the newest

@@ -1,8 +1,10 @@
 """The Gradio UI of wan-local: `build_app(...)` lays out the tabs around the objects it is given.
 
 Nothing here holds state at module level and nothing heavy happens at import (Gradio itself is imported inside
-`build_app`). One module per tab: generate, queue, gallery, models, settings; `prediction` is the estimate
-adapter and `context` the bundle of objects the tabs share.
+`build_app`). One module per tab: generate, queue, gallery, models, settings (generate and queue keep their
+layout in *_layout); `prediction` is the estimate adapter, `job_view` one job's progress as both the Generate and
+Queue tabs show it, `batch` the jobs of one click, `thumbnails` poster frames, and `context` the bundle of objects
+the tabs share.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ HEADERS = ["#", "state", "progress", "left", "seed", "task · preset", "size × 
 COLUMN_WIDTHS = ["5%", "8%", "11%", "6%", "10%", "11%", "9%", "24%", "16%"]
 ACTIONS = ("cancel", "retry", "up", "down", "remove", "edit", "open")
 FINISHED = ("done", "failed", "cancelled")
+#: How many finished jobs the strip of poster frames under the table shows (newest first).
+THUMBNAILS = 12
+NEW_POSTERS_PER_REFRESH = 2
 #: At most this many new estimates per refresh (each reads checkpoint headers and plans the job, about 30 ms on
 #: 2 cores); the queue's total follows over the next ticks, so a burst of added jobs never stalls a refresh.
 NEW_ESTIMATES_PER_REFRESH = 4
@@ -232,6 +235,29 @@ class QueueHandlers:
         if not removed:
             return "No finished jobs to clear."
         return f"Cleared {len(removed)} finished job(s) from the list; their videos stay on disk (see the Gallery)."
+
+    def thumbnails(self) -> list[tuple[int, str, str]]:
+        """(job id, poster PNG, caption) of the newest done jobs whose video exists, newest first. At most
+        NEW_POSTERS_PER_REFRESH posters are made per call (about 0.1-0.4 s each); the others follow next time."""
+        from ui.thumbnails import poster, poster_path
+
+        folder = self.ctx.store.previews_dir / "posters"
+        done = sorted(self.ctx.store.list(("done",)), key=lambda j: -(j.finished_at or 0))
+        found, budget = [], NEW_POSTERS_PER_REFRESH
+        for job in done:
+            if len(found) == THUMBNAILS:
+                break
+            target = poster_path(job.output_path, folder) if job.output_path else None
+            if target is None:
+                continue
+            if not target.is_file():
+                if budget == 0:
+                    continue
+                budget -= 1
+            image = poster(job.output_path, folder)
+            if image is not None:
+                found.append((job.id, image, f"#{job.id} · seed {short_seed(job.resolved_seed)}"))
+        return found
 
     def selection(self, job_id: Any) -> Selection:
         """What the selected row shows and allows."""

@@ -9,7 +9,7 @@ from typing import Any
 
 from ui.context import AppContext
 from ui.generate_layout import GenerateTab
-from ui.queue import ACTIONS, COLUMN_WIDTHS, HEADERS, REFRESH_S, QueueHandlers
+from ui.queue import ACTIONS, COLUMN_WIDTHS, HEADERS, REFRESH_S, THUMBNAILS, QueueHandlers
 
 BUTTONS = {
     "cancel": ("Cancel", "stop"),
@@ -55,6 +55,12 @@ def build_queue_tab(ctx: AppContext, gen: GenerateTab, tabs: Any) -> QueueTab:
                 elem_id="queue-preview",
             )  # fmt: skip
             video = gr.Video(label="Selected job's video", interactive=False, visible=False, elem_id="queue-video")
+    thumbs = handlers.thumbnails()
+    strip = gr.Gallery(
+        value=[(image, caption) for _, image, caption in thumbs], label="Finished videos (click one to select it)",
+        columns=THUMBNAILS, rows=1, height=150, allow_preview=False, visible=bool(thumbs), elem_id="queue-thumbs",
+    )  # fmt: skip
+    strip_ids = gr.State([job_id for job_id, _, _ in thumbs])
     pick = handlers.selection(None)
     selected_md = gr.Markdown(pick.text, elem_id="queue-selected")
     with gr.Row():
@@ -74,7 +80,12 @@ def build_queue_tab(ctx: AppContext, gen: GenerateTab, tabs: Any) -> QueueTab:
 
     selection_outputs = [selected_md, *buttons.values()]
 
-    def refresh(last_key: Any, job_id: Any) -> list[Any]:
+    def refresh(last_key: Any, job_id: Any, shown_ids: list[int]) -> list[Any]:
+        thumbs = handlers.thumbnails()
+        ids = [i for i, _, _ in thumbs]
+        strip_update = gr.skip()
+        if ids != shown_ids:
+            strip_update = gr.update(value=[(image, caption) for _, image, caption in thumbs], visible=bool(ids))
         view = handlers.running()
         line, show = handlers.worker_line()
         key = None
@@ -85,25 +96,35 @@ def build_queue_tab(ctx: AppContext, gen: GenerateTab, tabs: Any) -> QueueTab:
                 key = last_key
         # Only send a new preview when the file changed: each send copies it into Gradio's cache.
         image = gr.skip() if key == last_key else view.preview_path
-        return [handlers.rows(), view.html, image, line, gr.update(visible=show), key, *selection_updates(job_id)]
+        return [handlers.rows(), view.html, image, line, gr.update(visible=show), key, *selection_updates(job_id),
+                strip_update, ids]  # fmt: skip
 
     timer.tick(
-        refresh, [last_preview, selected],
-        [table, running_html, preview, worker_md, restart_btn, last_preview, *selection_outputs],
+        refresh, [last_preview, selected, strip_ids],
+        [table, running_html, preview, worker_md, restart_btn, last_preview, *selection_outputs, strip, strip_ids],
         show_progress="hidden",
     )  # fmt: skip
 
-    def select(evt: gr.SelectData) -> list[Any]:
-        row = getattr(evt, "row_value", None)
-        if not row:
-            return [gr.skip()] * (2 + len(selection_outputs))
-        pick = handlers.selection(row[0])
+    def choose(job_id: Any) -> list[Any]:
+        pick = handlers.selection(job_id)
         shown = pick.video if pick.video and ctx.served.show(pick.video) else None
         return [pick.job_id, gr.update(value=shown, visible=shown is not None), *selection_updates(pick.job_id)]
 
-    select.__annotations__["evt"] = gr.SelectData  # Gradio reads the real class; postponed annotations are text
+    def select(evt: gr.SelectData) -> list[Any]:
+        row = getattr(evt, "row_value", None)
+        return choose(row[0]) if row else [gr.skip()] * (2 + len(selection_outputs))
+
+    def select_thumb(ids: list[int], evt: gr.SelectData) -> list[Any]:
+        index = evt.index if isinstance(evt.index, int) else None
+        return (
+            choose(ids[index]) if index is not None and index < len(ids) else [gr.skip()] * (2 + len(selection_outputs))
+        )
+
+    for fn in (select, select_thumb):  # Gradio reads the real class; postponed annotations are text
+        fn.__annotations__["evt"] = gr.SelectData
 
     table.select(select, None, [selected, video, *selection_outputs])
+    strip.select(select_thumb, strip_ids, [selected, video, *selection_outputs])
 
     for name in ("cancel", "retry", "up", "down", "remove"):
         buttons[name].click(

@@ -131,7 +131,7 @@ def test_the_generate_panel_follows_its_jobs_from_queue_to_video(make_ctx, tmp_p
     store.update_progress(job.id, "w1", step=2, total=3, stage="denoise", eta_seconds=20, preview_path=str(preview))
     view = gen.panel(ids)
     assert view.job_id == ids[0] and view.preview_path == str(preview)
-    assert "denoise · step 2/3 · about 20 s left" in view.html and "67 %" in view.html
+    assert "denoise · step 2/3 · 67 % · about 20 s left" in view.html and "value='0.6667' max='1'" in view.html
     assert "1 running, 1 waiting" in view.html
 
     video = save_video(torch.zeros(3, 5, 48, 64), ctx.output_dir() / "fox.mp4", 16, {"prompt": "a red fox in snow"})
@@ -184,7 +184,7 @@ def test_a_selected_row_offers_what_its_state_allows_and_clear_finished_keeps_th
     assert q.selection(None).actions == () and "no longer in the list" in q.selection(999).text
 
     row = job_row(store.get(by_state["queued"]))
-    assert row[4] == short_seed(big) == "8215…0193" and short_seed(1234567890) == "1234567890"
+    assert row[5] == short_seed(big) == "8215…0193" and short_seed(1234567890) == "1234567890"
     assert "Cleared 3 finished job(s)" in q.clear_finished()
     assert sorted(j.state for j in store.list()) == ["queued", "running"]
     assert q.clear_finished() == "No finished jobs to clear."

@@ -361,7 +361,7 @@ def test_running_job_shows_progress_eta_and_preview(make_ctx, tmp_path):
     assert view.job_id == job_id and view.preview_path == str(preview)
     assert "step 12/40" in view.html and "about 4 min left" in view.html and "1 more job(s) queued" in view.html
     row = q.rows()[0]
-    assert row[:5] == [job_id, "running", "30 % denoise 12/40", "4 min", "7"]
+    assert row[:6] == [job_id, "running", "12/40", "denoise", "4 min", "7"]
     ctx.store.request_cancel(job_id)
     assert "stops at its next step" in q.action("cancel", job_id) and "cancelling" in q.running().html
 

@@ -17,24 +17,33 @@ from wan_local.jobs.records import Job
 STALE_REPORT_S = 60.0
 
 
+def reported_fraction(job: Job) -> float | None:
+    """The whole job's fraction done as the worker reports it (stages weighted, decode included), or None where
+    the store's record has none (a job run by a version that reported denoise steps only)."""
+    return getattr(job.progress, "fraction", None)
+
+
 def progress_fraction(job: Job) -> float:
-    """How far the job is, 0..1, from the store's record (done: 1)."""
+    """How far the job is, 0..1: 1 when done, the reported fraction, else denoise steps done."""
     if job.state == "done":
         return 1.0
-    p = job.progress
-    return min(max(p.step / p.total, 0.0), 1.0) if p.total else 0.0
+    p, fraction = job.progress, reported_fraction(job)
+    if fraction is None:
+        fraction = p.step / p.total if p.total else 0.0
+    return min(max(float(fraction), 0.0), 1.0)
 
 
 def progress_line(job: Job, now: float | None = None) -> str:
-    """ "denoise · step 12/40 · about 4 min left" (plain text) for a running job; the state for the others."""
+    """ "denoise · step 12/40 · 30 % · about 4 min left" (plain text) for a running job; the state for others."""
     p = job.progress
     if job.state == "queued":
         return "waiting in the queue"
     if job.state != "running":
         return job.state
     line = p.stage or "starting"
-    if p.total:
+    if p.stage == "denoise" and p.total:
         line += f" · step {p.step}/{p.total}"
+    line += f" · {progress_fraction(job) * 100:.0f} %"
     if p.eta_seconds is not None:
         line += f" · about {format_duration(p.eta_seconds)} left"
     now = time.time() if now is None else now
@@ -46,12 +55,19 @@ def progress_line(job: Job, now: float | None = None) -> str:
 
 
 def progress_bar(job: Job) -> str:
-    """An HTML <progress> bar with the percentage beside it."""
-    percent = round(100 * progress_fraction(job))
-    return (
-        f"<progress value='{percent}' max='100' style='width:85%;vertical-align:middle'></progress> "
-        f"<span class='job-percent'>{percent} %</span>"
-    )
+    """An HTML <progress> bar of the job's fraction done."""
+    return f"<progress value='{progress_fraction(job):.4f}' max='1' style='width:100%'></progress>"
+
+
+def current_preview(job: Job) -> str | None:
+    """The running job's preview PNG, if it was written during this run (not by an earlier attempt of the job)."""
+    if job.state != "running" or not job.preview_path:
+        return None
+    try:
+        written = Path(job.preview_path).stat().st_mtime
+    except OSError:
+        return None
+    return job.preview_path if job.started_at is None or written >= job.started_at - 1.0 else None
 
 
 def existing(path: str | None) -> str | None:
@@ -110,8 +126,10 @@ def job_panel(jobs: Sequence[Job], missing: Sequence[int] = ()) -> JobPanel:
             note += f" · {html.escape(job.note)}"
     batch = batch_line(jobs)
     extra = f"<br>{html.escape(batch)}" if batch else ""
+    if job.state != "running":  # the running job's progress line has the percentage
+        note = f"{progress_fraction(job) * 100:.0f} % · {note}"
     body = f"<div id='gen-job-line'>{head}<br>{progress_bar(job)}<br>{note}{extra}</div>"
-    preview = existing(job.preview_path) if job.state == "running" else None
+    preview = current_preview(job)
     done = [j for j in jobs if j.state == "done" and existing(j.output_path)]
     video = max(done, key=lambda j: j.finished_at or 0).output_path if done else None
     active = any(j.state in ("queued", "running") for j in jobs)

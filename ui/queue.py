@@ -13,7 +13,7 @@ from typing import Any
 
 from ui.context import AppContext
 from ui.generate_form import FormValues, form_from_settings
-from ui.job_view import existing, progress_bar, progress_fraction, progress_line
+from ui.job_view import current_preview, existing, progress_bar, progress_line, reported_fraction
 from ui.prediction import format_duration, load_components, load_dit_config
 from wan_local.errors import WanLocalError
 from wan_local.jobs.records import Job
@@ -21,9 +21,9 @@ from wan_local.jobs.records import Job
 log = logging.getLogger(__name__)
 
 REFRESH_S = 1.5
-HEADERS = ["#", "state", "progress", "left", "seed", "task · preset", "size × frames", "prompt", "note"]
+HEADERS = ["#", "state", "progress", "stage", "left", "seed", "task · preset", "size × frames", "prompt", "note"]
 #: Shares of the table's width (a 1400 px window shows every column; long prompts and errors wrap).
-COLUMN_WIDTHS = ["5%", "8%", "11%", "6%", "10%", "11%", "9%", "24%", "16%"]
+COLUMN_WIDTHS = ["4%", "7%", "8%", "7%", "5%", "9%", "11%", "8%", "25%", "16%"]
 ACTIONS = ("cancel", "retry", "up", "down", "remove", "edit", "open")
 FINISHED = ("done", "failed", "cancelled")
 #: How many finished jobs the strip of poster frames under the table shows (newest first).
@@ -48,16 +48,15 @@ def short_seed(seed: int) -> str:
 
 
 def job_row(job: Job) -> list[Any]:
-    """One table row: id, state, progress (percent; the stage and step while running), time left, seed (short),
-    task · preset, size × frames, prompt, note."""
+    """One table row: id, state, progress (the whole job's percent where reported, else denoise steps), stage,
+    time left, seed (short), task · preset, size × frames, prompt, note."""
     s, p = job.settings, job.progress
-    progress = ""
+    progress = f"{p.step}/{p.total}" if p.total else ""
+    fraction = reported_fraction(job)
+    if job.state == "running" and fraction is not None:
+        progress = f"{fraction * 100:.0f} %" + (f" ({p.step}/{p.total})" if p.stage == "denoise" and p.total else "")
     if job.state == "done":
         progress = "100 %"
-    elif job.state == "running":
-        progress = f"{round(100 * progress_fraction(job))} % {p.stage or 'starting'}"
-        if p.total:
-            progress += f" {p.step}/{p.total}"
     left = format_duration(p.eta_seconds) if job.state == "running" and p.eta_seconds is not None else ""
     size = f"{s.size[0]}×{s.size[1]}" if s.size else "default"
     shape = f"{size} × {s.frames or 'default'}"
@@ -67,7 +66,8 @@ def job_row(job: Job) -> list[Any]:
     if job.cancel_requested and job.state == "running":
         note = "cancelling at the next step"
     task = f"{s.task} · {s.preset}" if s.preset else s.task
-    return [job.id, job.state, progress, left, short_seed(job.resolved_seed), task, shape, s.prompt, note]
+    stage = p.stage or ""
+    return [job.id, job.state, progress, stage, left, short_seed(job.resolved_seed), task, shape, s.prompt, note]
 
 
 @dataclass(frozen=True)
@@ -172,8 +172,7 @@ class QueueHandlers:
         more = html.escape(summary.replace("job(s) queued", "more job(s) queued"))
         line = html.escape(progress_line(job))
         body = f"<div id='queue-running'>{' · '.join(parts)}<br>{progress_bar(job)}<br>{line}; {more}</div>"
-        preview = job.preview_path if job.preview_path and Path(job.preview_path).is_file() else None
-        return RunningView(body, preview, job.id)
+        return RunningView(body, current_preview(job), job.id)
 
     def worker_line(self) -> tuple[str, bool]:
         """(Markdown about the worker, whether to offer "Restart worker")."""

@@ -41,17 +41,18 @@ def build_queue_tab(ctx: AppContext, gen: GenerateTab, tabs: Any) -> QueueTab:
     with gr.Row():
         worker_md = gr.Markdown(line, elem_id="queue-worker")
         restart_btn = gr.Button("Restart worker", visible=show_restart, size="sm", elem_id="queue-restart")
-    view = handlers.running()
     with gr.Row():
         with gr.Column(scale=4):
-            running_html = gr.HTML(view.html, elem_id="queue-running-box")
+            # Computed per page load (a callable value), and the preview starts empty: the timer's first tick
+            # brings the running job's preview, so a fresh page never shows one from when the app started.
+            running_html = gr.HTML(lambda: handlers.running().html, elem_id="queue-running-box")
             table = gr.Dataframe(
                 value=handlers.rows(), headers=HEADERS, interactive=False, wrap=True, max_height=520,
                 column_widths=COLUMN_WIDTHS, elem_id="queue-table",
             )  # fmt: skip
         with gr.Column(scale=1, min_width=240):
             preview = gr.Image(
-                value=view.preview_path, label="Latent preview of the running job", interactive=False, height=200,
+                value=None, label="Latent preview of the running job", interactive=False, height=200,
                 elem_id="queue-preview",
             )  # fmt: skip
             video = gr.Video(label="Selected job's video", interactive=False, visible=False, elem_id="queue-video")
@@ -80,10 +81,10 @@ def build_queue_tab(ctx: AppContext, gen: GenerateTab, tabs: Any) -> QueueTab:
 
     selection_outputs = [selected_md, *buttons.values()]
 
-    def refresh(last_key: Any, job_id: Any, shown_ids: list[int]) -> list[Any]:
+    def refresh(last_key: Any, job_id: Any = None, shown_ids: list[int] | None = None) -> list[Any]:
         thumbs = handlers.thumbnails()
         ids = [i for i, _, _ in thumbs]
-        strip_update = gr.skip()
+        strip_update: Any = gr.skip()
         if ids != shown_ids:
             strip_update = gr.update(value=[(image, caption) for _, image, caption in thumbs], visible=bool(ids))
         view = handlers.running()
@@ -96,12 +97,12 @@ def build_queue_tab(ctx: AppContext, gen: GenerateTab, tabs: Any) -> QueueTab:
                 key = last_key
         # Only send a new preview when the file changed: each send copies it into Gradio's cache.
         image = gr.skip() if key == last_key else view.preview_path
-        return [handlers.rows(), view.html, image, line, gr.update(visible=show), key, *selection_updates(job_id),
-                strip_update, ids]  # fmt: skip
+        return [handlers.rows(), view.html, image, line, gr.update(visible=show), *selection_updates(job_id),
+                strip_update, ids, key]  # fmt: skip
 
     timer.tick(
         refresh, [last_preview, selected, strip_ids],
-        [table, running_html, preview, worker_md, restart_btn, last_preview, *selection_outputs, strip, strip_ids],
+        [table, running_html, preview, worker_md, restart_btn, *selection_outputs, strip, strip_ids, last_preview],
         show_progress="hidden",
     )  # fmt: skip
 

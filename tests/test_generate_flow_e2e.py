@@ -93,6 +93,7 @@ def test_generate_tab_switches_tasks_quietly_and_follows_its_batch_to_the_video(
             expect(page.locator("#queue-retry")).to_be_hidden()
             expect(page.locator("#queue-video video")).to_have_count(1)
             expect(page.locator("#queue-thumbs img")).to_have_count(2)  # poster frames of the two videos
+            time.sleep(0.5)  # the selected video fades in
             page.screenshot(path=str(ARTIFACTS / "flow_queue.png"), full_page=True)
             page.locator("#queue-open").click()
             expect(page.locator("#gallery-details")).to_contain_text("seed: 41")  # job #1's, not the newest

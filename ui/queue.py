@@ -26,8 +26,8 @@ HEADERS = ["#", "state", "progress", "stage", "left", "seed", "task · preset", 
 COLUMN_WIDTHS = ["4%", "7%", "8%", "7%", "5%", "9%", "11%", "8%", "25%", "16%"]
 ACTIONS = ("cancel", "retry", "up", "down", "remove", "edit", "open")
 FINISHED = ("done", "failed", "cancelled")
-#: How many finished jobs the strip of poster frames under the table shows (newest first).
-THUMBNAILS = 12
+#: How many finished jobs the strip of poster frames under the table shows (newest first), captioned "#id".
+THUMBNAILS = 8
 NEW_POSTERS_PER_REFRESH = 2
 #: At most this many new estimates per refresh (each reads checkpoint headers and plans the job, about 30 ms on
 #: 2 cores); the queue's total follows over the next ticks, so a burst of added jobs never stalls a refresh.
@@ -255,7 +255,7 @@ class QueueHandlers:
                 budget -= 1
             image = poster(job.output_path, folder)
             if image is not None:
-                found.append((job.id, image, f"#{job.id} · seed {short_seed(job.resolved_seed)}"))
+                found.append((job.id, image, f"#{job.id}"))
         return found
 
     def selection(self, job_id: Any) -> Selection:

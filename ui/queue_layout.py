@@ -59,7 +59,8 @@ def build_queue_tab(ctx: AppContext, gen: GenerateTab, tabs: Any) -> QueueTab:
     thumbs = handlers.thumbnails()
     strip = gr.Gallery(
         value=[(image, caption) for _, image, caption in thumbs], label="Finished videos (click one to select it)",
-        columns=THUMBNAILS, rows=1, height=150, allow_preview=False, visible=bool(thumbs), elem_id="queue-thumbs",
+        columns=THUMBNAILS, rows=1, height=170, fit_columns=False, object_fit="contain", allow_preview=False,
+        visible=bool(thumbs), elem_id="queue-thumbs",
     )  # fmt: skip
     strip_ids = gr.State([job_id for job_id, _, _ in thumbs])
     pick = handlers.selection(None)

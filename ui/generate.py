@@ -220,6 +220,7 @@ class GenerateHandlers:
             checked = [self._checked(f) for f in batch_forms(form, variations, prompt_list)]
             jobs = [self.ctx.store.add(settings) for settings, _ in checked]
         except WanLocalError as exc:
+            log.info("job(s) not queued: %s", exc)  # submitted and turned down (a prediction alone logs nothing)
             return f"✗ Not queued: {exc}", []
         pred = checked[0][1]
         note = f" {pred.message}" if pred.degraded else ""

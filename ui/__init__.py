@@ -1,9 +1,11 @@
 """The Gradio UI of wan-local: `build_app(...)` lays out the tabs around the objects it is given.
 
 Nothing here holds state at module level and nothing heavy happens at import (Gradio itself is imported inside
-`build_app`). One module per tab: generate, queue, gallery, models, settings; `api` is the scripting API (named
-endpoints; every UI callback is private, so `view_api()` lists only those), `prediction` the estimate adapter and
-`context` the bundle of objects the tabs share.
+`build_app`). One module per tab: generate, queue, gallery, models, settings (generate and queue keep their
+layout in *_layout); `api` is the scripting API (named endpoints; every UI callback is private, so `view_api()`
+lists only those), `prediction` the estimate adapter, `job_view` one job's progress as both the Generate and Queue
+tabs show it, `batch` the jobs of one click, `thumbnails` poster frames, and `context` the bundle of objects the
+tabs share.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
     from ui.generate_form import FormValues
     from ui.generate_layout import build_generate_tab
     from ui.models import build_models_tab
-    from ui.queue import build_queue_tab
+    from ui.queue_layout import build_queue_tab
     from ui.settings import build_settings_tab
 
     with gr.Blocks(title="wan-local", analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
@@ -98,15 +100,22 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             with gr.Tab("Generate", id="generate", elem_id="tab-generate") as generate_tab:
                 gen = build_generate_tab(ctx, generate_tab)
             with gr.Tab("Queue", id="queue", elem_id="tab-queue"):
-                build_queue_tab(ctx, gen, tabs)
+                queue = build_queue_tab(ctx, gen, tabs)
             with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery") as gallery_tab:
-                build_gallery_tab(ctx, gen, tabs, gallery_tab)
+                gallery = build_gallery_tab(ctx, gen, tabs, gallery_tab)
             with gr.Tab("Models", id="models", elem_id="tab-models"):
                 build_models_tab(ctx)
             with gr.Tab("Settings", id="settings", elem_id="tab-settings"):
                 build_settings_tab(ctx)
         register_api(ctx)  # the scripting API; every UI callback is api_visibility="private", so view_api() lists
         # only these named endpoints
+        # "Open in Gallery" on a done job: select its video there first, then show the tab.
+        queue.open_button.click(
+            lambda job_id: gallery.open(queue.handlers.selection(job_id).video),
+            queue.selected,
+            gallery.outputs,
+            api_visibility="private",
+        ).then(lambda: gr.Tabs(selected="gallery"), None, tabs, api_visibility="private")
         model_dir = gen.inputs[FormValues.names().index("model_dir")]
         demo.load(gen.handlers.current_model_dir, [gen.inputs[0], model_dir], model_dir, api_visibility="private")
         demo.load(

@@ -173,7 +173,16 @@ class GalleryHandlers:
         return open_folder(self.ctx.output_dir())
 
 
-def build_gallery_tab(ctx: AppContext, gen: GenerateTab, tabs: Any, tab: Any) -> GalleryHandlers:
+@dataclass
+class GalleryTab:
+    """Handles other tabs need: `open(path)` gives the updates of `outputs` that list the videos and select one."""
+
+    handlers: GalleryHandlers
+    outputs: list[Any]
+    open: Callable[[str | None], list[Any]]
+
+
+def build_gallery_tab(ctx: AppContext, gen: GenerateTab, tabs: Any, tab: Any) -> GalleryTab:
     """Lay out the Gallery tab inside the current gr.Tab `tab` and wire its events."""
     import gradio as gr
 
@@ -229,4 +238,4 @@ def build_gallery_tab(ctx: AppContext, gen: GenerateTab, tabs: Any, tab: Any) ->
         return [text, gr.Tabs(selected="generate"), *gen.fill(form, None, text)]
 
     reuse_btn.click(reuse, choice, [message, tabs, *gen.fill_outputs], api_visibility="private")
-    return handlers
+    return GalleryTab(handlers, outputs, refresh)

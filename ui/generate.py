@@ -11,6 +11,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from ui.batch import batch_forms
 from ui.context import AppContext
 from ui.generate_form import (
     AUTO,
@@ -23,6 +24,7 @@ from ui.generate_form import (
     resolve_steps,
     task_defaults,
 )
+from ui.job_view import JobPanel, job_panel
 from ui.prediction import Prediction, load_components, load_dit_config, predict
 from ui.served import uploaded_source
 from wan_local.errors import InputError, WanLocalError
@@ -200,18 +202,43 @@ class GenerateHandlers:
 
     def add(self, form: FormValues) -> str:
         """Validate, admit and queue the form's job; return the message shown under the button."""
+        return self.add_batch(form)[0]
+
+    def add_batch(
+        self, form: FormValues, variations: object = 1, prompt_list: str | None = None
+    ) -> tuple[str, list[int]]:
+        """Queue the form's job, or a batch (`ui.batch.batch_forms`: variations s, s+1, … of each prompt of a
+        list); each job is validated and admitted on its own, all before the first is queued, so a batch is queued
+        whole or not at all. Return the message shown under the button and the ids queued."""
         try:
-            settings, pred = self._checked(form)
-            job = self.ctx.store.add(settings)
+            checked = [self._checked(f) for f in batch_forms(form, variations, prompt_list)]
+            jobs = [self.ctx.store.add(settings) for settings, _ in checked]
         except WanLocalError as exc:
-            log.info("job not queued: %s", exc)  # submitted and turned down (a prediction alone logs nothing)
-            return f"✗ Not queued: {exc}"
+            log.info("job(s) not queued: %s", exc)  # submitted and turned down (a prediction alone logs nothing)
+            return f"✗ Not queued: {exc}", []
+        pred = checked[0][1]
         note = f" {pred.message}" if pred.degraded else ""
-        log.info("queued job %d (%s, seed %d)", job.id, settings.task, job.resolved_seed)
-        return (
-            f"✓ Queued job #{job.id} (seed {job.resolved_seed}, preset '{pred.preset.label}'); "
-            f"{len(self.ctx.store.list(('queued',)))} job(s) waiting.{note}"
-        )
+        waiting = len(self.ctx.store.list(("queued",)))
+        if len(jobs) == 1:
+            job = jobs[0]
+            log.info("queued job %d (%s, seed %d)", job.id, job.settings.task, job.resolved_seed)
+            head = f"✓ Queued job #{job.id} (seed {job.resolved_seed}"
+        else:
+            log.info("queued a batch of %d jobs (#%d-#%d)", len(jobs), jobs[0].id, jobs[-1].id)
+            first, last = min(j.resolved_seed for j in jobs), max(j.resolved_seed for j in jobs)
+            seeds = f"seed {first}" if first == last else f"seeds {first}…{last}"
+            head = f"✓ Queued {len(jobs)} jobs #{jobs[0].id}–#{jobs[-1].id} ({seeds}"
+        return f"{head}, preset '{pred.preset.label}'); {waiting} job(s) waiting.{note}", [j.id for j in jobs]
+
+    def panel(self, job_ids: list[int] | None) -> JobPanel:
+        """The "your job" panel for the jobs this tab queued (read from the store now)."""
+        jobs, missing = [], []
+        for job_id in job_ids or []:
+            try:
+                jobs.append(self.ctx.store.get(int(job_id)))
+            except WanLocalError:
+                missing.append(int(job_id))
+        return job_panel(jobs, missing)
 
     def update(self, job_id: int | None, form: FormValues) -> str:
         """Replace the settings of queued job `job_id` with the form's; return the message."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from ui.batch import MAX_BATCH
 from ui.context import AppContext
 from ui.generate import GenerateHandlers
 from ui.generate_form import (
@@ -23,6 +25,9 @@ from ui.generate_form import (
 from wan_local.errors import WanLocalError
 from wan_local.specs import TASKS, get_task
 
+#: How often the Generate tab looks at the job it queued (seconds); the Queue tab refreshes as often.
+JOB_REFRESH_S = 1.5
+
 
 @dataclass
 class GenerateTab:
@@ -34,18 +39,36 @@ class GenerateTab:
     edit_banner: Any
     prediction: Any
     handlers: GenerateHandlers
+    length_info: Any = None
 
     def fill(self, form: FormValues, editing: int | None, message: str) -> list[Any]:
-        """Outputs for `fill_outputs`: the form's values (with the task's choices), the edit state, banner, status.
+        """Outputs for `fill_outputs`: the form's values (with the task's choices), the edit state, banner, status,
+        and the length line and prediction of the new form (computed here, in the same update: see `task_update`).
         The form's input image (the store's copy) is shown, that file only."""
         if form.image and not self.handlers.ctx.served.show(form.image):
             form = dataclasses.replace(form, image=None)
-        return [*form_updates(form), editing, edit_banner(editing), message]
+        return [*form_updates(form), editing, edit_banner(editing), message, *derived_lines(self.handlers, form)]
 
     @property
     def fill_outputs(self) -> list[Any]:
         """The components `fill` returns values for, in order."""
-        return [*self.inputs, self.editing, self.edit_banner, self.status]
+        return [*self.inputs, self.editing, self.edit_banner, self.status, self.length_info, self.prediction]
+
+
+def derived_lines(handlers: GenerateHandlers, form: FormValues) -> list[str]:
+    """The length line and the prediction panel of `form`."""
+    return [length_info(form), handlers.prediction_text(form)]
+
+
+def task_update(handlers: GenerateHandlers, current: FormValues) -> list[Any]:
+    """Everything a task switch changes, as one update: the new task's form (its size choices and size together),
+    the model folder line, the length line and the prediction.
+
+    The length line and the prediction must not listen to `task.change` themselves: such an event would send the
+    size chosen for the old task while this update swaps the size choices, and Gradio would refuse that value
+    ("Value: '1280*720' … not in the list of choices", a red Error toast on every task switch)."""
+    new = handlers.defaults(current.task, keep=current)
+    return [*form_updates(new), handlers.model_status(new.task, new.model_dir), *derived_lines(handlers, new)]
 
 
 def edit_banner(editing: int | None) -> Any:
@@ -122,6 +145,15 @@ def build_generate_tab(ctx: AppContext, page: Any = None) -> GenerateTab:
                 )  # fmt: skip
                 shift = gr.Number(value=form.shift, label="Shift", elem_id="gen-shift")
                 solver = gr.Radio(list(SOLVERS), value=form.solver, label="Solver", elem_id="gen-solver")
+            with gr.Accordion("Batch: variations and a prompt list", open=False, elem_id="gen-batch"), gr.Row():
+                variations = gr.Number(
+                    value=1, label="Variations (seeds s, s+1, …)", precision=0, minimum=1, maximum=MAX_BATCH,
+                    elem_id="gen-variations",
+                )  # fmt: skip
+                prompt_list = gr.Textbox(
+                    label="Prompt list, one per line (replaces the prompt; each gets every variation)", lines=3,
+                    elem_id="gen-prompt-list",
+                )  # fmt: skip
         with gr.Column(scale=2):
             preset = gr.Dropdown(preset_choices, value=AUTO, label="Memory preset", elem_id="gen-preset")
             preset_md = gr.Markdown(handlers.preset_info(AUTO), elem_id="gen-preset-info")
@@ -133,36 +165,42 @@ def build_generate_tab(ctx: AppContext, page: Any = None) -> GenerateTab:
                 update_btn = gr.Button("Update job", visible=False, elem_id="gen-update")
                 cancel_edit_btn = gr.Button("Stop editing", visible=False, elem_id="gen-stop-edit")
             status = gr.Markdown(elem_id="gen-status")
+            job_html = gr.HTML(elem_id="gen-job")
+            with gr.Row():
+                job_preview = gr.Image(
+                    label="Latent preview", interactive=False, height=200, visible=False, elem_id="gen-preview"
+                )
+                job_video = gr.Video(label="Result", interactive=False, visible=False, height=240, elem_id="gen-video")
     editing = gr.State(None)
+    watching = gr.State([])  # ids of the jobs this tab queued last (one, or a batch)
+    shown = gr.State(None)  # (preview path, mtime, video path) last sent: each send copies the file
+    job_timer = gr.Timer(JOB_REFRESH_S, active=False)
 
     inputs = [
         task, prompt, negative, image, size, custom_size, length_unit, length, steps, seed, guide_low, guide_high,
         shift, solver, preset, model_dir,
     ]  # fmt: skip
     assert len(inputs) == len(FormValues.names())
-    tab = GenerateTab(inputs, editing, status, edit_md, prediction_md, handlers)
+    tab = GenerateTab(inputs, editing, status, edit_md, prediction_md, handlers, length_md)
 
     def on_task(*values: Any) -> list[Any]:
-        current = FormValues(*values)
-        new = handlers.defaults(current.task, keep=current)
-        return [*form_updates(new), handlers.model_status(new.task, new.model_dir)]
+        return task_update(handlers, FormValues(*values))
 
-    task.input(on_task, inputs, [*inputs, model_md], api_visibility="private")
-    size.change(lambda choice: gr.update(visible=choice == CUSTOM), size, custom_size, api_visibility="private")
-    length_triggers = [task.change, length_unit.change, length.change]
-    gr.on(length_triggers, lambda *v: length_info(FormValues(*v)), inputs, length_md, api_visibility="private")
+    task.input(on_task, inputs, [*inputs, model_md, length_md, prediction_md], api_visibility="private")
+    size.input(lambda choice: gr.update(visible=choice == CUSTOM), size, custom_size, api_visibility="private")
+    # Only what the user does triggers the length line and the prediction (`.input`, never `.change`): a
+    # `.change` also fires for values that an update of several fields sets, and would send the form half-updated
+    # (see task_update). Updates that change the form compute those lines themselves (task_update, fill, on_unit).
+    gr.on([length.input], lambda *v: length_info(FormValues(*v)), inputs, length_md, api_visibility="private")
     preset.change(handlers.preset_info, preset, preset_md, api_visibility="private")
     model_dir.change(handlers.model_status, [task, model_dir], model_md, api_visibility="private")
-    predict_triggers = [
-        task.change, size.change, custom_size.change, length_unit.change, length.change, steps.change, preset.change,
-        model_dir.change,
-    ]  # fmt: skip
+    predict_triggers = [size.input, custom_size.input, length.input, steps.input, preset.input, model_dir.input]
     gr.on(
         predict_triggers, lambda *v: handlers.prediction_text(FormValues(*v)), inputs, prediction_md,
-        trigger_mode="always_last",api_visibility="private",
+        trigger_mode="always_last", api_visibility="private",
     )  # fmt: skip
 
-    def on_unit(unit: str, *values: Any) -> Any:
+    def on_unit(unit: str, *values: Any) -> list[Any]:
         # Converting the number keeps the length the same when the unit flips.
         current = FormValues(*values)
         spec_now = get_task(current.task)
@@ -170,15 +208,35 @@ def build_generate_tab(ctx: AppContext, page: Any = None) -> GenerateTab:
             old = dataclasses.replace(current, length_unit=FRAMES if unit == SECONDS else SECONDS)
             frames = resolve_frames(old, spec_now)
         except WanLocalError:
-            return gr.update()
-        return round(frames_to_seconds(spec_now, frames), 2) if unit == SECONDS else frames
+            return [gr.update(), *derived_lines(handlers, current)]
+        length_now = round(frames_to_seconds(spec_now, frames), 2) if unit == SECONDS else frames
+        return [length_now, *derived_lines(handlers, dataclasses.replace(current, length=length_now))]
 
-    length_unit.input(on_unit, [length_unit, *inputs], length, api_visibility="private")
+    length_unit.input(on_unit, [length_unit, *inputs], [length, length_md, prediction_md], api_visibility="private")
 
-    def on_add(*values: Any) -> str:
-        return handlers.add(FormValues(*values))
+    def on_add(count: Any, prompts: str, *values: Any) -> list[Any]:
+        message, ids = handlers.add_batch(FormValues(*values), count, prompts)
+        if not ids:
+            return [message, gr.skip(), gr.skip()]
+        return [message, ids, gr.Timer(active=True)]
 
-    add_btn.click(on_add, inputs, status, api_visibility="private")
+    add_btn.click(on_add, [variations, prompt_list, *inputs], [status, watching, job_timer], api_visibility="private")
+
+    def on_tick(ids: list[int], last: Any) -> list[Any]:
+        view = handlers.panel(ids)
+        served = view.video_path if view.video_path and ctx.served.show(view.video_path) else None
+        key = (_file_key(view.preview_path), served)
+        media: list[Any] = [gr.skip(), gr.skip()]
+        if key != last:
+            media = [
+                gr.update(value=view.preview_path, visible=view.preview_path is not None),
+                gr.update(value=served, visible=served is not None),
+            ]
+        return [view.html, *media, gr.Timer(active=view.active), key]
+
+    panel_outputs = [job_html, job_preview, job_video, job_timer, shown]
+    job_timer.tick(on_tick, [watching, shown], panel_outputs, show_progress="hidden", api_visibility="private")
+    watching.change(on_tick, [watching, shown], panel_outputs, show_progress="hidden", api_visibility="private")
 
     def on_update(job_id: int | None, *values: Any) -> list[Any]:
         message = handlers.update(job_id, FormValues(*values))
@@ -203,8 +261,18 @@ def build_generate_tab(ctx: AppContext, page: Any = None) -> GenerateTab:
         lambda e: _edit_buttons(e), editing, [add_btn, update_btn, cancel_edit_btn], api_visibility="private"
     )
     if page is not None:  # coming back from the Models or Settings tab: pick up a newly chosen model folder
-        page.select(handlers.current_model_dir, [task, model_dir], model_dir, api_visibility="private")
+        page.select(handlers.current_model_dir, [task, model_dir], model_dir, api_visibility="private").then(
+            lambda *v: handlers.prediction_text(FormValues(*v)), inputs, prediction_md, api_visibility="private"
+        )
     return tab
+
+
+def _file_key(path: str | None) -> tuple[str, int] | None:
+    """(path, mtime) of a file that may be replaced at any moment (the worker rewrites the preview), None if gone."""
+    try:
+        return (path, Path(path).stat().st_mtime_ns) if path else None
+    except OSError:
+        return None
 
 
 def _edit_buttons(editing: int | None) -> list[Any]:

@@ -1,20 +1,19 @@
-"""Queue tab: every job with its state and progress, the running job's latent preview, the worker's health, and
-cancel / retry / move / remove / edit. Refreshed by a gr.Timer; everything is read from the JobStore, so what
-it shows survives a restart of the app or of the worker."""
+"""Queue tab logic: every job with its state and progress, the running job's latent preview, the worker's health,
+the actions a selected row allows (cancel / retry / move / remove / edit / open in the gallery) and "clear
+finished". Everything is read from the JobStore, so what it shows survives a restart of the app or of the worker.
+The layout and its gr.Timer are `ui.queue_layout`."""
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ui.context import AppContext
 from ui.generate_form import FormValues, form_from_settings
-from ui.generate_layout import GenerateTab
+from ui.job_view import current_preview, existing, progress_bar, progress_line, reported_fraction
 from ui.prediction import format_duration, load_components, load_dit_config
 from wan_local.errors import WanLocalError
 from wan_local.jobs.records import Job
@@ -22,9 +21,14 @@ from wan_local.jobs.records import Job
 log = logging.getLogger(__name__)
 
 REFRESH_S = 1.5
-HEADERS = ["#", "state", "progress", "stage", "left", "seed", "task", "size × frames", "preset", "prompt", "note"]
-ACTIONS = ("cancel", "retry", "up", "down", "remove")
-STALE_REPORT_S = 60.0
+HEADERS = ["#", "state", "progress", "stage", "left", "seed", "task · preset", "size × frames", "prompt", "note"]
+#: Shares of the table's width (a 1400 px window shows every column; long prompts and errors wrap).
+COLUMN_WIDTHS = ["4%", "7%", "8%", "7%", "5%", "9%", "11%", "8%", "25%", "16%"]
+ACTIONS = ("cancel", "retry", "up", "down", "remove", "edit", "open")
+FINISHED = ("done", "failed", "cancelled")
+#: How many finished jobs the strip of poster frames under the table shows (newest first), captioned "#id".
+THUMBNAILS = 8
+NEW_POSTERS_PER_REFRESH = 2
 #: At most this many new estimates per refresh (each reads checkpoint headers and plans the job, about 30 ms on
 #: 2 cores); the queue's total follows over the next ticks, so a burst of added jobs never stalls a refresh.
 NEW_ESTIMATES_PER_REFRESH = 4
@@ -36,12 +40,21 @@ def estimate_key(job: Job) -> tuple[Any, ...]:
     return (s.task, s.size, s.frames, s.steps, s.preset, s.ckpt_dir)
 
 
+def short_seed(seed: int) -> str:
+    """A seed for the table: up to 10 digits as is, longer ones as their first and last 4 digits (the selected
+    row shows the whole seed). Text, never a number: 63-bit seeds lose digits as JavaScript numbers."""
+    text = str(seed)
+    return text if len(text) <= 10 else f"{text[:4]}…{text[-4:]}"
+
+
 def job_row(job: Job) -> list[Any]:
-    """One table row: id, state, step/total, stage, time left, seed, task, size × frames, preset, prompt, note."""
+    """One table row: id, state, progress (the whole job's percent where reported, else denoise steps), stage,
+    time left, seed (short), task · preset, size × frames, prompt, note."""
     s, p = job.settings, job.progress
     progress = f"{p.step}/{p.total}" if p.total else ""
-    if job.state == "running" and p.fraction is not None:
-        progress = f"{p.fraction * 100:.0f} %" + (f" ({p.step}/{p.total})" if p.stage == "denoise" and p.total else "")
+    fraction = reported_fraction(job)
+    if job.state == "running" and fraction is not None:
+        progress = f"{fraction * 100:.0f} %" + (f" ({p.step}/{p.total})" if p.stage == "denoise" and p.total else "")
     if job.state == "done":
         progress = "100 %"
     left = format_duration(p.eta_seconds) if job.state == "running" and p.eta_seconds is not None else ""
@@ -52,38 +65,32 @@ def job_row(job: Job) -> list[Any]:
         note = Path(job.output_path).name
     if job.cancel_requested and job.state == "running":
         note = "cancelling at the next step"
+    task = f"{s.task} · {s.preset}" if s.preset else s.task
     stage = p.stage or ""
-    # Seeds are text: 63-bit numbers lose digits as JavaScript numbers in the browser.
-    return [job.id, job.state, progress, stage, left, str(job.resolved_seed), s.task, shape, s.preset or "", s.prompt,
-            note]  # fmt: skip
+    return [job.id, job.state, progress, stage, left, short_seed(job.resolved_seed), task, shape, s.prompt, note]
 
 
-def current_preview(job: Job) -> str | None:
-    """The running job's preview PNG, if it was written during this run (not by an earlier attempt of the job)."""
-    if job.state != "running" or not job.preview_path:
-        return None
-    try:
-        written = Path(job.preview_path).stat().st_mtime
-    except OSError:
-        return None
-    return job.preview_path if job.started_at is None or written >= job.started_at - 1.0 else None
+@dataclass(frozen=True)
+class Selection:
+    """The selected row: a Markdown line about the job, the actions it allows (of ACTIONS), and its video (a
+    done job's output, None otherwise)."""
+
+    text: str
+    actions: tuple[str, ...]
+    video: str | None
+    job_id: int | None
 
 
-def progress_line(job: Job) -> tuple[str, str]:
-    """(HTML progress bar, stage text) of a running job: the whole job's fraction when the worker reports one
-    (stages weighted, decode included), else denoise steps."""
-    p = job.progress
-    stage = html.escape(p.stage or "starting")
-    if p.stage == "denoise" and p.total:
-        stage += f" · step {p.step}/{p.total}"
-    if p.fraction is not None:
-        stage += f" · {p.fraction * 100:.0f} %"
-        bar = f"<progress value='{p.fraction:.4f}' max='1' style='width:100%'></progress>"
-    else:
-        bar = f"<progress value='{p.step}' max='{max(p.total, 1)}' style='width:100%'></progress>"
-    if p.eta_seconds is not None:
-        stage += f" · about {format_duration(p.eta_seconds)} left"
-    return bar, stage
+def allowed_actions(job: Job) -> tuple[str, ...]:
+    """The actions of ACTIONS that apply to `job` in its state."""
+    by_state = {
+        "queued": ("cancel", "up", "down", "remove", "edit"),
+        "running": ("cancel",),
+        "done": ("remove", "open") if existing(job.output_path) else ("remove",),
+        "failed": ("retry", "remove"),
+        "cancelled": ("retry", "remove"),
+    }
+    return by_state.get(job.state, ())
 
 
 @dataclass(frozen=True)
@@ -161,15 +168,10 @@ class QueueHandlers:
             text = f"Nothing running; {summary}."
             return RunningView(f"<div id='queue-running'>{html.escape(text)}</div>", None, None)
         job = running[0]
-        p = job.progress
         parts = [f"<b>Job #{job.id}</b>", html.escape(job.settings.prompt[:80])]
-        bar, stage = progress_line(job)
-        if p.updated_at is not None and time.time() - p.updated_at > STALE_REPORT_S:
-            stage += f" · no report for {format_duration(time.time() - p.updated_at)} (loading models?)"
-        if job.cancel_requested:
-            stage += " · cancelling"
         more = html.escape(summary.replace("job(s) queued", "more job(s) queued"))
-        body = f"<div id='queue-running'>{' · '.join(parts)}<br>{bar}<br>{stage}; {more}</div>"
+        line = html.escape(progress_line(job))
+        body = f"<div id='queue-running'>{' · '.join(parts)}<br>{progress_bar(job)}<br>{line}; {more}</div>"
         return RunningView(body, current_preview(job), job.id)
 
     def worker_line(self) -> tuple[str, bool]:
@@ -219,6 +221,60 @@ class QueueHandlers:
             return f"✗ {exc}"
         return f"✗ unknown action {action!r}; one of {', '.join(ACTIONS)}"
 
+    def clear_finished(self) -> str:
+        """Remove every done, failed and cancelled job from the list (their videos stay on disk)."""
+        removed = []
+        for job in self.ctx.store.list(FINISHED):
+            try:
+                self.ctx.store.remove(job.id)
+            except WanLocalError as exc:  # retried or removed meanwhile (another tab, the CLI)
+                log.info("job %d not cleared: %s", job.id, exc)
+                continue
+            removed.append(job.id)
+        if not removed:
+            return "No finished jobs to clear."
+        return f"Cleared {len(removed)} finished job(s) from the list; their videos stay on disk (see the Gallery)."
+
+    def thumbnails(self) -> list[tuple[int, str, str]]:
+        """(job id, poster PNG, caption) of the newest done jobs whose video exists, newest first. At most
+        NEW_POSTERS_PER_REFRESH posters are made per call (about 0.1-0.4 s each); the others follow next time."""
+        from ui.thumbnails import poster, poster_path
+
+        folder = self.ctx.store.previews_dir / "posters"
+        done = sorted(self.ctx.store.list(("done",)), key=lambda j: -(j.finished_at or 0))
+        found, budget = [], NEW_POSTERS_PER_REFRESH
+        for job in done:
+            if len(found) == THUMBNAILS:
+                break
+            target = poster_path(job.output_path, folder) if job.output_path else None
+            if target is None:
+                continue
+            if not target.is_file():
+                if budget == 0:
+                    continue
+                budget -= 1
+            image = poster(job.output_path, folder)
+            if image is not None:
+                found.append((job.id, image, f"#{job.id}"))
+        return found
+
+    def selection(self, job_id: Any) -> Selection:
+        """What the selected row shows and allows."""
+        if job_id is None or not str(job_id).strip():
+            return Selection("Select a job: click its row in the table.", (), None, None)
+        try:
+            job = self.ctx.store.get(int(str(job_id).strip()))
+        except (WanLocalError, ValueError):
+            return Selection(f"Job #{job_id} is no longer in the list.", (), None, None)
+        s = job.settings
+        text = (
+            f"**Job #{job.id}** · {job.state} · seed `{job.resolved_seed}` · {s.task} · {html.escape(s.prompt[:120])}"
+        )
+        if job.state in FINISHED and (job.error or job.note):
+            text += f"\n\n{html.escape(job.error or job.note or '')}"
+        video = existing(job.output_path) if job.state == "done" else None
+        return Selection(text, allowed_actions(job), video, job.id)
+
     def load_for_edit(self, job_id: Any) -> tuple[FormValues | None, int | None, str]:
         """The form of queued job `job_id` to edit in the Generate tab: (form, job id, message)."""
         if job_id is None or not str(job_id).strip():
@@ -232,94 +288,3 @@ class QueueHandlers:
         data = job.settings.to_dict()
         data["image_source"] = None  # edit the store's own copy, which always exists
         return form_from_settings(data, seed=job.resolved_seed), job.id, f"Editing job #{job.id}."
-
-
-def build_queue_tab(ctx: AppContext, gen: GenerateTab, tabs: Any) -> QueueHandlers:
-    """Lay out the Queue tab inside the current gr.Tab and wire its events (the timer included)."""
-    import gradio as gr
-
-    handlers = QueueHandlers(ctx)
-    line, show_restart = handlers.worker_line()
-    with gr.Row():
-        worker_md = gr.Markdown(line, elem_id="queue-worker")
-        restart_btn = gr.Button("Restart worker", visible=show_restart, size="sm", elem_id="queue-restart")
-    with gr.Row():
-        with gr.Column(scale=3):
-            # Both start empty and the timer's first tick (within REFRESH_S) fills them, so a fresh page never shows
-            # the running line or preview of when the app started (a callable value would also be a public API
-            # endpoint of its own).
-            running_html = gr.HTML("", elem_id="queue-running-box")
-            table = gr.Dataframe(
-                value=handlers.rows(), headers=HEADERS, interactive=False, wrap=True, max_height=520,
-                elem_id="queue-table",
-            )  # fmt: skip
-        with gr.Column(scale=1, min_width=240):
-            preview = gr.Image(
-                value=None, label="Latent preview of the running job", interactive=False,
-                height=240, elem_id="queue-preview",
-            )  # fmt: skip
-    with gr.Row():
-        job_id = gr.Textbox(label="Job #", placeholder="click a row", elem_id="queue-job-id", scale=1)
-        buttons = {
-            "cancel": gr.Button("Cancel", variant="stop", elem_id="queue-cancel"),
-            "retry": gr.Button("Retry", elem_id="queue-retry"),
-            "up": gr.Button("Move up", elem_id="queue-up"),
-            "down": gr.Button("Move down", elem_id="queue-down"),
-            "remove": gr.Button("Remove", elem_id="queue-remove"),
-        }
-        edit_btn = gr.Button("Edit in Generate tab", elem_id="queue-edit")
-    message = gr.Markdown(elem_id="queue-message")
-    last_preview = gr.State(None)
-    timer = gr.Timer(REFRESH_S)
-
-    def refresh(last_key: Any) -> list[Any]:
-        view = handlers.running()
-        line, show = handlers.worker_line()
-        key = None
-        if view.preview_path:
-            try:
-                key = (view.preview_path, Path(view.preview_path).stat().st_mtime_ns)
-            except OSError:  # replaced or removed since
-                view = dataclasses.replace(view, preview_path=None)
-        # Only send a new preview when the file changed: each send copies it into Gradio's cache.
-        image = gr.skip() if key == last_key else view.preview_path
-        return [handlers.rows(), view.html, image, line, gr.update(visible=show), key]
-
-    timer.tick(
-        refresh,
-        last_preview,
-        [table, running_html, preview, worker_md, restart_btn, last_preview],
-        api_visibility="private",
-    )
-
-    def select(evt: gr.SelectData) -> Any:
-        row = getattr(evt, "row_value", None)
-        return row[0] if row else gr.skip()
-
-    select.__annotations__["evt"] = gr.SelectData  # Gradio reads the real class; postponed annotations are text
-
-    table.select(select, None, job_id, api_visibility="private")
-
-    for name, button in buttons.items():
-        button.click(
-            lambda j, _name=name: [handlers.action(_name, j), handlers.rows()],
-            job_id,
-            [message, table],
-            api_visibility="private",
-        )
-
-    def restart() -> list[Any]:
-        text = handlers.restart_worker()
-        line, show = handlers.worker_line()
-        return [text, line, gr.update(visible=show)]
-
-    restart_btn.click(restart, None, [message, worker_md, restart_btn], api_visibility="private")
-
-    def edit(j: Any) -> list[Any]:
-        form, editing, text = handlers.load_for_edit(j)
-        if form is None:
-            return [text, gr.skip(), *[gr.skip()] * len(gen.fill_outputs)]
-        return [text, gr.Tabs(selected="generate"), *gen.fill(form, editing, text)]
-
-    edit_btn.click(edit, job_id, [message, tabs, *gen.fill_outputs], api_visibility="private")
-    return handlers

@@ -103,7 +103,10 @@ _CACHED_PROTOS = 4
 def read_gguf_tokenizer(path: Path) -> bytes | None:
     """The sentencepiece ModelProto of the GGUF file at `path`, or None when it carries no tokenizer."""
     path = Path(path)
-    st = path.stat()
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the tokenizer of {path}: {exc}") from exc
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _PROTOS:
         gf = read_gguf(path)

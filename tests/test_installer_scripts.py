@@ -18,42 +18,13 @@ import pytest
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "installers"))  # where setup_env.py finds the `setup` package
-from setup.gpus import ENV_NVIDIA_SMI, detect_gpus
+from setup.gpus import ENV_NVIDIA_SMI
 from setup.install_log import LOG_NAME
 from setup.marker import MARKER_NAME
 from setup.plan import current_platform
 from setup.python_venv import ensure_venv, path_length_warning, python_problems, venv_python
 from setup.torch_choice import ENV_TORCH_INDEX, ENV_TORCH_SPEC
-from test_installers import _fake_nvidia_smi
-
-INSTALLERS = REPO_ROOT / "installers"
-DATA = REPO_ROOT / "tests" / "data" / "nvidia-smi"
-POSIX_ONLY = pytest.mark.skipif(os.name == "nt" or shutil.which("bash") is None, reason="needs bash (Linux/macOS)")
-
-
-def _read(name: str) -> str:
-    return (DATA / name).read_text(encoding="utf-8")
-
-
-def _recorded(case: str, status: int = 0):
-    """A fake nvidia-smi runner answering from the recordings of `case` (as detect_gpus calls it)."""
-
-    def run(args):
-        if len(args) == 1:
-            return status, _read(f"{case}.txt")
-        if "compute_cap" in args[1]:
-            if (DATA / f"{case}.query.csv").exists():
-                return 0, _read(f"{case}.query.csv")
-            return 2, _read(f"{case}.query-compute_cap.txt")  # drivers before R510
-        return 0, _read(f"{case}.query3.csv")
-
-    return run
-
-
-def _gpus(case: str) -> list:
-    platform = "windows" if case.endswith("windows") else "linux"
-    gpus, _ = detect_gpus({ENV_NVIDIA_SMI: "nvidia-smi"}, platform, run=_recorded(case))
-    return gpus
+from test_installers import DATA, INSTALLERS, POSIX_ONLY, _fake_nvidia_smi
 
 
 def test_setup_env_py_runs_the_package_beside_it(tmp_path):

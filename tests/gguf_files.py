@@ -45,12 +45,14 @@ def _f16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16)
 
 
-def quantize_q4_k(values: np.ndarray) -> np.ndarray:
-    """float32 values (a multiple of 256) -> Q4_K blocks, uint8 [n, 144]: w = d·sc·q − dmin·m per 32 values."""
+def _scale_min_codes(values: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """The part Q4_K and Q5_K share: 8 sub-blocks of 32 values per 256, each w = d·sc·q − dmin·m with 6-bit sc, m
+    and codes q in 0..qmax. Returns (the 16 header bytes: fp16 d, fp16 dmin, 12 packed scale/min bytes;
+    q uint8 [n, 8, 32])."""
     x = values.astype(np.float32).reshape(-1, 8, 32)
     n = x.shape[0]
     lo = np.minimum(x.min(axis=2), 0.0)  # [n, 8]
-    scale = (x.max(axis=2) - lo) / 15.0
+    scale = (x.max(axis=2) - lo) / qmax
     mins = -lo
     d = _f16(scale.max(axis=1) / 63.0)
     dmin = _f16(mins.max(axis=1) / 63.0)
@@ -60,40 +62,33 @@ def quantize_q4_k(values: np.ndarray) -> np.ndarray:
         mn = np.where(dminf > 0, np.clip(np.round(mins / dminf), 0, 63), 0).astype(np.uint8)
         step = (df * sc)[:, :, None]
         q = np.where(step > 0, np.round((x + (dminf * mn)[:, :, None]) / step), 0)
-    q = np.clip(q, 0, 15).astype(np.uint8)  # [n, 8, 32]
+    q = np.clip(q, 0, qmax).astype(np.uint8)  # [n, 8, 32]
     scales = np.empty((n, 12), dtype=np.uint8)
     scales[:, 0:4] = sc[:, :4] | ((sc[:, 4:] & 0x30) << 2)
     scales[:, 4:8] = mn[:, :4] | ((mn[:, 4:] & 0x30) << 2)
     scales[:, 8:12] = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
-    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(n, 128)  # 32 bytes per pair of sub-blocks
-    return np.concatenate([d.view(np.uint8).reshape(n, 2), dmin.view(np.uint8).reshape(n, 2), scales, qs], axis=1)
+    head = np.concatenate([d.view(np.uint8).reshape(n, 2), dmin.view(np.uint8).reshape(n, 2), scales], axis=1)
+    return head, q
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """Low 4 bits of codes [n, 8, 32] packed two sub-blocks per 32 bytes: uint8 [n, 128]."""
+    low = q & 0x0F
+    return (low[:, 0::2] | (low[:, 1::2] << 4)).reshape(q.shape[0], 128)
+
+
+def quantize_q4_k(values: np.ndarray) -> np.ndarray:
+    """float32 values (a multiple of 256) -> Q4_K blocks, uint8 [n, 144]: w = d·sc·q − dmin·m per 32 values."""
+    head, q = _scale_min_codes(values, 15)
+    return np.concatenate([head, _nibbles(q)], axis=1)
 
 
 def quantize_q5_k(values: np.ndarray) -> np.ndarray:
     """float32 values (a multiple of 256) -> Q5_K blocks, uint8 [n, 176]: as Q4_K with 5-bit codes, the fifth bit
     of sub-block i's value l stored as bit i of qh[l]."""
-    x = values.astype(np.float32).reshape(-1, 8, 32)
-    n = x.shape[0]
-    lo = np.minimum(x.min(axis=2), 0.0)
-    scale = (x.max(axis=2) - lo) / 31.0
-    mins = -lo
-    d = _f16(scale.max(axis=1) / 63.0)
-    dmin = _f16(mins.max(axis=1) / 63.0)
-    df, dminf = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sc = np.where(df > 0, np.clip(np.round(scale / df), 0, 63), 0).astype(np.uint8)
-        mn = np.where(dminf > 0, np.clip(np.round(mins / dminf), 0, 63), 0).astype(np.uint8)
-        step = (df * sc)[:, :, None]
-        q = np.where(step > 0, np.round((x + (dminf * mn)[:, :, None]) / step), 0)
-    q = np.clip(q, 0, 31).astype(np.uint8)  # [n, 8, 32]
-    scales = np.empty((n, 12), dtype=np.uint8)
-    scales[:, 0:4] = sc[:, :4] | ((sc[:, 4:] & 0x30) << 2)
-    scales[:, 4:8] = mn[:, :4] | ((mn[:, 4:] & 0x30) << 2)
-    scales[:, 8:12] = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
-    low, high = q & 0x0F, q >> 4
-    qh = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None], axis=1).astype(np.uint8)
-    qs = (low[:, 0::2] | (low[:, 1::2] << 4)).reshape(n, 128)
-    return np.concatenate([d.view(np.uint8).reshape(n, 2), dmin.view(np.uint8).reshape(n, 2), scales, qh, qs], axis=1)
+    head, q = _scale_min_codes(values, 31)
+    qh = np.bitwise_or.reduce((q >> 4) << np.arange(8, dtype=np.uint8)[None, :, None], axis=1).astype(np.uint8)
+    return np.concatenate([head, qh, _nibbles(q)], axis=1)
 
 
 def quantize_q6_k(values: np.ndarray) -> np.ndarray:

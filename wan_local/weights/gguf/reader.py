@@ -128,16 +128,21 @@ class _Cursor:
         raise CheckpointError(f"{self.path}: unknown GGUF value type {vtype}; {_REDOWNLOAD}")
 
 
+def file_identity(path: Path) -> tuple:
+    """What tells a file's version apart (path, inode, size, times): the key of what is cached per file."""
+    try:
+        st = path.stat()
+        return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+
+
 def read_gguf(path: Path | str) -> GGUFFile:
     """Parse the header and tensor table of a GGUF file (no tensor data is read)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
-    try:
-        st = path.stat()
-        key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    key = file_identity(path)
     with _headers_lock:
         cached = _headers.get(key)
         if cached is not None:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from wan_local.errors import CheckpointError
-from wan_local.weights.gguf.reader import GGUFFile, read_gguf
+from wan_local.weights.gguf.reader import GGUFFile, file_identity, read_gguf
 
 PREFIX = "tokenizer.ggml."
 _UNIGRAM = 1  # TrainerSpec.ModelType
@@ -103,11 +103,7 @@ _CACHED_PROTOS = 4
 def read_gguf_tokenizer(path: Path) -> bytes | None:
     """The sentencepiece ModelProto of the GGUF file at `path`, or None when it carries no tokenizer."""
     path = Path(path)
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise CheckpointError(f"cannot read the tokenizer of {path}: {exc}") from exc
-    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    key = file_identity(path)
     if key not in _PROTOS:
         gf = read_gguf(path)
         while len(_PROTOS) >= _CACHED_PROTOS:

@@ -12,14 +12,12 @@ import json
 import pytest
 from comfy_files import write_comfy_dit, write_comfy_folder
 from running_app import app_env, free_port, running_app
-from test_app_e2e import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, _field
+from test_app_e2e import ARTIFACTS, _field, browser_page, skip_without_browser
 
 
 @pytest.fixture
 def comfy_app(tmp_path, tiny):
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} not found: apt-get install chromium (Debian), or set WAN_LOCAL_CHROMIUM")
-    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    skip_without_browser()
     models = write_comfy_folder(tmp_path / "ComfyUI" / "models", tiny, "t2v-A14B", dit="fp16")
     fp8 = models / "diffusion_models" / "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
     write_comfy_dit(fp8, tiny / "t2v-A14B" / "high_noise_model", "fp8_scaled")
@@ -35,33 +33,25 @@ def test_a_comfyui_folder_with_two_high_noise_experts_is_picked_in_the_models_ta
     from playwright import sync_api
 
     url, home, models, fp8 = comfy_app
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(30_000)
-            page.goto(url)
-            expect = sync_api.expect
-            page.get_by_role("tab", name="Models").click()
-            _field(page, "models-folder-t2v-a14b").fill(str(models))
-            page.locator("#models-use-t2v-a14b").click()
-            status = page.locator("#models-status-t2v-a14b")
-            expect(status).to_contain_text("2 candidates for the high-noise expert")
-            files = page.locator("#models-files-t2v-a14b")
-            expect(files).to_contain_text("wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors")
-            expect(files).to_contain_text("carries its tokenizer")  # no google/umt5-xxl/ folder needed
+    with browser_page(url) as page:
+        expect = sync_api.expect
+        page.get_by_role("tab", name="Models").click()
+        _field(page, "models-folder-t2v-a14b").fill(str(models))
+        page.locator("#models-use-t2v-a14b").click()
+        status = page.locator("#models-status-t2v-a14b")
+        expect(status).to_contain_text("2 candidates for the high-noise expert")
+        files = page.locator("#models-files-t2v-a14b")
+        expect(files).to_contain_text("wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors")
+        expect(files).to_contain_text("carries its tokenizer")  # no google/umt5-xxl/ folder needed
 
-            page.locator("#models-picks-t2v-a14b").get_by_text("Which file for which role").click()
-            page.locator("#models-pick-t2v-a14b-high_noise input").click()
-            page.get_by_role("option", name="wan2.2_t2v_high_noise_14B_fp8_scaled").click()
-            page.locator("#models-pick-save-t2v-a14b").click()
-            expect(page.locator("#models-message-t2v-a14b")).to_contain_text("Saved the files of t2v-A14B")
-            expect(status).to_contain_text("✓")
-            expect(files).to_contain_text("✓")
-            page.screenshot(path=str(ARTIFACTS / "app_models.png"), full_page=True)
-        finally:
-            browser.close()
+        page.locator("#models-picks-t2v-a14b").get_by_text("Which file for which role").click()
+        page.locator("#models-pick-t2v-a14b-high_noise input").click()
+        page.get_by_role("option", name="wan2.2_t2v_high_noise_14B_fp8_scaled").click()
+        page.locator("#models-pick-save-t2v-a14b").click()
+        expect(page.locator("#models-message-t2v-a14b")).to_contain_text("Saved the files of t2v-A14B")
+        expect(status).to_contain_text("✓")
+        expect(files).to_contain_text("✓")
+        page.screenshot(path=str(ARTIFACTS / "app_models.png"), full_page=True)
 
     settings = json.loads((home / "settings.json").read_text())
     assert settings["model_dirs"]["t2v-A14B"] == str(models)

@@ -386,15 +386,8 @@ class DownloadManager:
         except DownloadError as exc:
             self._set(task, state="failed", message=str(exc))
             return
-        if not plan.ok:
-            self._set(task, state="refused", total_bytes=plan.total_bytes, message=plan.message)
+        if not self._begin(task, plan):
             return
-        with self._lock:
-            self._files[task] = plan.files
-        self._set(
-            task, state="downloading", total_bytes=plan.total_bytes, done_bytes=plan.present_bytes,
-            started_at=time.time(), message=plan.message,
-        )  # fmt: skip
         try:
             fetch_variant(listed, target, self._file_downloader, on_step=lambda line: self._set(task, message=line))
         except DownloadError as exc:
@@ -410,9 +403,7 @@ class DownloadManager:
         if not status.complete:
             self._set(task, state="failed", message=f"{variant.label} was downloaded, but {status.message}")
             return
-        self._set(task, state="done", done_bytes=plan.total_bytes, message=f"Downloaded {variant.label} into {target}.")
-        if self.on_done is not None:
-            self.on_done(task, target)
+        self._finish(task, target, plan.total_bytes, f"Downloaded {variant.label} into {target}.")
 
     def _download(self, task: str, target: Path) -> None:
         repo = OFFICIAL_REPOS[task]
@@ -421,21 +412,11 @@ class DownloadManager:
         except DownloadError as exc:
             self._set(task, state="failed", message=str(exc))
             return
-        if not plan.ok:
-            self._set(task, state="refused", total_bytes=plan.total_bytes, message=plan.message)
+        if plan.ok and plan.needed_bytes == 0 and folder_status(task, target).complete:
+            self._finish(task, target, plan.total_bytes, plan.message)
             return
-        if plan.needed_bytes == 0 and folder_status(task, target).complete:
-            total = plan.total_bytes
-            self._set(task, state="done", total_bytes=total, done_bytes=total, message=plan.message)
-            if self.on_done is not None:
-                self.on_done(task, target)
+        if not self._begin(task, plan):
             return
-        with self._lock:
-            self._files[task] = plan.files
-        self._set(
-            task, state="downloading", total_bytes=plan.total_bytes, done_bytes=plan.present_bytes,
-            started_at=time.time(), message=plan.message,
-        )  # fmt: skip
         log.info("downloading %s into %s (%s)", repo, target, plan.message)
         try:
             download = self._downloader
@@ -462,6 +443,24 @@ class DownloadManager:
                 )
             self._set(task, state="failed", message=message)
             return
-        self._set(task, state="done", done_bytes=plan.total_bytes, message=f"Downloaded {repo} into {target}.")
+        self._finish(task, target, plan.total_bytes, f"Downloaded {repo} into {target}.")
+
+    def _begin(self, task: str, plan: DownloadPlan) -> bool:
+        """Record a planned download as started; False (recorded as refused, with the numbers) when it does not
+        fit the disk."""
+        if not plan.ok:
+            self._set(task, state="refused", total_bytes=plan.total_bytes, message=plan.message)
+            return False
+        with self._lock:
+            self._files[task] = plan.files
+        self._set(
+            task, state="downloading", total_bytes=plan.total_bytes, done_bytes=plan.present_bytes,
+            started_at=time.time(), message=plan.message,
+        )  # fmt: skip
+        return True
+
+    def _finish(self, task: str, target: Path, total_bytes: int, message: str) -> None:
+        """Record a complete download and hand the folder to `on_done` (the Models tab makes it the task's)."""
+        self._set(task, state="done", total_bytes=total_bytes, done_bytes=total_bytes, message=message)
         if self.on_done is not None:
             self.on_done(task, target)

@@ -242,6 +242,15 @@ def read_dit(path: Path, compute_dtype: torch.dtype) -> tuple[DiTConfig, dict[st
     return dit_config_from_state_dict(sd, _metadata_hints(path)), sd, "comfyui"
 
 
+def check_model_type(config: DiTConfig, expected_model_type: str | None, path: Path | str) -> None:
+    """CheckpointError when the DiT at `path` is another task's ("t2v", "i2v", "ti2v"); None expects any."""
+    if expected_model_type is not None and config.model_type != expected_model_type:
+        raise CheckpointError(
+            f"{path} holds a {config.model_type!r} model but this task needs {expected_model_type!r}; "
+            "point --ckpt-dir at the checkpoint of the task you chose"
+        )
+
+
 def load_dit(path: Path, dtype: torch.dtype = torch.float32, expected_model_type: str | None = None) -> WanDiT:
     """Load a Wan DiT from an official or diffusers folder, or a ComfyUI single file (fp8_scaled included).
 
@@ -258,11 +267,7 @@ def load_dit(path: Path, dtype: torch.dtype = torch.float32, expected_model_type
         raise CheckpointError(f"{path}: missing tensor or config field {exc}") from exc
     except ValueError as exc:
         raise CheckpointError(f"{path}: invalid model configuration ({exc})") from exc
-    if expected_model_type is not None and config.model_type != expected_model_type:
-        raise CheckpointError(
-            f"{path} holds a {config.model_type!r} model but this task needs {expected_model_type!r}; "
-            "point --ckpt-dir at the checkpoint of the task you chose"
-        )
+    check_model_type(config, expected_model_type, path)
     log.info("loading %s DiT from %s (%d layers, dim %d)", fmt, path, config.num_layers, config.dim)
     return assign_checked(lambda: WanDiT(config), sd, str(path), dtype)
 

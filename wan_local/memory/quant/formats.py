@@ -35,7 +35,7 @@ from wan_local.models.dit import DiTConfig, WanDiT
 from wan_local.weights import fp8, keymaps
 from wan_local.weights.convert import Progress, as_tensor, read_copy
 from wan_local.weights.files import StateDict, StoredTensor, open_safetensors, read_safetensors_metadata
-from wan_local.weights.loading import assign_checked, dit_config_from_state_dict, read_dit
+from wan_local.weights.loading import assign_checked, check_model_type, dit_config_from_state_dict, read_dit
 
 if TYPE_CHECKING:
     from wan_local.memory.quant.cache import QuantCache
@@ -346,10 +346,7 @@ def load_quantized_dit(
             from wan_local.weights.headers import read_dit_config
 
             cfg = read_dit_config(path)
-            if expected_model_type is not None and cfg.model_type != expected_model_type:
-                raise CheckpointError(
-                    f"{path} holds a {cfg.model_type!r} model but this task needs {expected_model_type!r}"
-                )
+            check_model_type(cfg, expected_model_type, path)
             log.info("loading cached %s weights of %s (scope %s)", mode, path, scope)
             return build_quantized_dit(cfg, cached, mode, scope, dtype, compute=compute, source=str(path))
     try:
@@ -361,8 +358,7 @@ def load_quantized_dit(
         raise CheckpointError(f"{path}: missing tensor or config field {exc}") from exc
     except ValueError as exc:
         raise CheckpointError(f"{path}: invalid model configuration ({exc})") from exc
-    if expected_model_type is not None and cfg.model_type != expected_model_type:
-        raise CheckpointError(f"{path} holds a {cfg.model_type!r} model but this task needs {expected_model_type!r}")
+    check_model_type(cfg, expected_model_type, path)
     sd = raw
     if cache is not None and fmt not in ("comfyui-fp8", "quanto"):  # pre-quantized files load as fast as a cache
         sd = cache.get_or_create(

@@ -22,7 +22,7 @@ from wan_local.models.dit import DiTConfig, WanDiT
 from wan_local.weights.gguf.dit import PackedTensor, gguf_config_hints, gguf_tensor_table, read_gguf_dit
 from wan_local.weights.gguf.quants import dequantize
 from wan_local.weights.gguf.types import GGMLType
-from wan_local.weights.loading import assign_checked, dit_config_from_state_dict
+from wan_local.weights.loading import assign_checked, check_model_type, dit_config_from_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,7 @@ def load_gguf_dit(path: Path, dtype: torch.dtype, expected_model_type: str | Non
         raise CheckpointError(f"{path}: missing tensor {exc}") from exc
     except ValueError as exc:
         raise CheckpointError(f"{path}: invalid model configuration ({exc})") from exc
-    if expected_model_type is not None and cfg.model_type != expected_model_type:
-        raise CheckpointError(f"{path} holds a {cfg.model_type!r} model but this task needs {expected_model_type!r}")
+    check_model_type(cfg, expected_model_type, path)
     kinds = sorted({v.ggml.name for v in sd.values() if isinstance(v, PackedTensor)})
     log.info(
         "loading GGUF DiT %s (%s; %d layers, dim %d), quantized Linears kept packed",

@@ -141,22 +141,23 @@ def _encode_varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _split_fields(data: bytes) -> list[tuple[int, bytes, bytes]]:
-    """(field number, payload of a length-delimited field or b"", raw bytes of the whole field) per field."""
+def proto_fields(data: bytes) -> list[tuple[int, int | bytes, bytes]]:
+    """(field number, value, raw bytes of the whole field) per field of one protobuf message: varints as ints,
+    the other wire types as their bytes."""
     fields, pos = [], 0
     while pos < len(data):
         start = pos
         key, pos = _varint(data, pos)
         number, wire = key >> 3, key & 7
-        payload = b""
         if wire == 0:
-            _, pos = _varint(data, pos)
+            value, pos = _varint(data, pos)
         elif wire == 2:
             size, pos = _varint(data, pos)
-            payload, pos = data[pos : pos + size], pos + size
+            value, pos = data[pos : pos + size], pos + size
         else:
-            pos += 8 if wire == 1 else 4
-        fields.append((number, payload, data[start:pos]))
+            size = 8 if wire == 1 else 4
+            value, pos = data[pos : pos + size], pos + size
+        fields.append((number, value, data[start:pos]))
     return fields
 
 
@@ -166,11 +167,11 @@ def set_add_dummy_prefix(proto: bytes, value: bool) -> bytes:
     A plain protobuf wire-format edit: the old flag (if any) is removed and the new one appended.
     """
     out = bytearray()
-    for number, payload, raw in _split_fields(proto):
+    for number, field, raw in proto_fields(proto):
         if number != 3:
             out += raw
             continue
-        spec = b"".join(r for n, _, r in _split_fields(payload) if n != 3)
+        spec = b"".join(r for n, _, r in proto_fields(field) if n != 3)
         spec += _encode_varint(3 << 3 | 0) + _encode_varint(int(value))
         out += _encode_varint(3 << 3 | 2) + _encode_varint(len(spec)) + spec
     return bytes(out)

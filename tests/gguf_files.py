@@ -23,7 +23,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from comfy_files import official_dit_sd
+from comfy_files import official_dit_sd, proto_fields
 from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType
 
@@ -278,37 +278,6 @@ _LLAMA_T5_BLOCK = {
 }
 
 
-def _proto_fields(buf: bytes) -> list[tuple[int, int | bytes]]:
-    """(field number, value) of one protobuf message: varints as ints, length-delimited fields as bytes."""
-    out, pos = [], 0
-
-    def varint() -> int:
-        nonlocal pos
-        n = shift = 0
-        while True:
-            byte = buf[pos]
-            pos += 1
-            n |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return n
-
-    while pos < len(buf):
-        key = varint()
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            out.append((number, varint()))
-        elif wire == 2:
-            size = varint()
-            out.append((number, buf[pos : pos + size]))
-            pos += size
-        else:
-            size = {1: 8, 5: 4}[wire]
-            out.append((number, buf[pos : pos + size]))
-            pos += size
-    return out
-
-
 def add_llama_t5_tokenizer(writer: gguf.GGUFWriter, spiece_model: Path) -> None:
     """The key-values llama.cpp's converter writes for a T5 sentencepiece tokenizer (`_set_vocab_sentencepiece`
     plus the T5 normalizer flags), read from `spiece.model` with sentencepiece and its proto's normalizer spec."""
@@ -329,9 +298,8 @@ def add_llama_t5_tokenizer(writer: gguf.GGUFWriter, spiece_model: Path) -> None:
         elif sp.is_byte(i):
             kind = gguf.TokenType.BYTE
         types.append(kind)
-    normalizer = dict(
-        next(_proto_fields(v) for n, v in _proto_fields(spiece_model.read_bytes()) if n == 3)  # normalizer_spec
-    )
+    spec = next(v for n, v, _ in proto_fields(spiece_model.read_bytes()) if n == 3)  # normalizer_spec
+    normalizer = {n: v for n, v, _ in proto_fields(spec)}
     writer.add_tokenizer_model("t5")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)

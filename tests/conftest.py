@@ -75,3 +75,31 @@ def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
     e = expected.detach().double().cpu()
     assert a.shape == e.shape, f"shape {tuple(a.shape)} != expected {tuple(e.shape)}"
     return float((a - e).norm() / e.norm().clamp_min(1e-30))
+
+
+def golden_settings(case: dict, tiny: Path):
+    """The GenerationSettings of a golden pipeline case (cases.json `args`), image path resolved under golden/."""
+    from wan_local.engine.request import GenerationSettings
+
+    a = case["args"]
+    if "image" in a:
+        side = int(a["max_area"] ** 0.5)
+        # Any W*H with the case's area works: the image gives the aspect. Prefer a square when it is exact.
+        size = (side, side) if side * side == a["max_area"] else (a["max_area"] // 48, 48)
+    else:
+        size = tuple(int(v) for v in a["size"].split("*"))
+    guide = a["guide_scale"]
+    guide = tuple(guide) if isinstance(guide, list) else (guide, guide)
+    return GenerationSettings(
+        task=a["task"],
+        prompt=a["prompt"],
+        negative_prompt=a["n_prompt"],
+        image=str(tiny / "golden" / a["image"]) if "image" in a else None,
+        size=size,
+        frames=a["frame_num"],
+        steps=a["sampling_steps"],
+        shift=a["shift"],
+        guide_scale=guide,
+        solver=a["sample_solver"],
+        seed=a["seed"],
+    )

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from comfy_files import write_comfy_folder, write_official_twin
-from conftest import REPO_ROOT, rel_l2
+from conftest import REPO_ROOT, golden_settings, rel_l2
 from safetensors.torch import load_file
 
 from wan_local import cli
@@ -42,29 +42,6 @@ RUNS = [
     ("i2v_a14b_unipc", "fp8_scaled", "fp8_scaled"),
     ("ti2v_5b_t2v", "fp16", "fp8_scaled"),
 ]
-
-
-def _settings(case: dict, tiny: Path) -> GenerationSettings:
-    a = case["args"]
-    if "image" in a:
-        side = int(a["max_area"] ** 0.5)  # any W*H of the case's area: the image gives the aspect
-        size = (side, side) if side * side == a["max_area"] else (a["max_area"] // 48, 48)
-    else:
-        size = tuple(int(v) for v in a["size"].split("*"))
-    guide = a["guide_scale"] if isinstance(a["guide_scale"], list) else [a["guide_scale"]] * 2
-    return GenerationSettings(
-        task=a["task"],
-        prompt=a["prompt"],
-        negative_prompt=a["n_prompt"],
-        image=str(tiny / "golden" / a["image"]) if "image" in a else None,
-        size=size,
-        frames=a["frame_num"],
-        steps=a["sampling_steps"],
-        shift=a["shift"],
-        guide_scale=tuple(guide),
-        solver=a["sample_solver"],
-        seed=a["seed"],
-    )
 
 
 def _argv(s: GenerationSettings, ckpt: Path, out: Path) -> list[str]:
@@ -95,7 +72,7 @@ def _check(s: GenerationSettings, name: str, dit: str, te: str, tiny: Path, tmp:
 def test_comfy_folder_subprocess_ti2v_fp16(tiny: Path, cases: dict, golden, tmp_path: Path) -> None:
     """`python -m wan_local generate --ckpt-dir <ComfyUI folder>`: a real process, no tokenizer folder anywhere."""
     name, dit, te = RUNS[0]
-    s = _settings(cases[name], tiny)
+    s = golden_settings(cases[name], tiny)
     root = write_comfy_folder(tmp_path / "ComfyUI" / "models", tiny, s.task, dit, te)
     assert not any(p.name in ("tokenizer.json", "spiece.model") for p in root.rglob("*"))
     proc = subprocess.run(
@@ -113,7 +90,7 @@ def test_comfy_folder_subprocess_ti2v_fp16(tiny: Path, cases: dict, golden, tmp_
 @pytest.mark.parametrize(("name", "dit", "te"), RUNS[1:], ids=[f"{n}-{d}-{t}" for n, d, t in RUNS[1:]])
 def test_comfy_folder_cli_matches_golden(name, dit, te, tiny: Path, cases: dict, golden, tmp_path, capsys) -> None:
     """The CLI's main in this process, for the other tasks and the fp8_scaled files."""
-    s = _settings(cases[name], tiny)
+    s = golden_settings(cases[name], tiny)
     root = write_comfy_folder(tmp_path / "models", tiny, s.task, dit, te)
     assert cli.main(_argv(s, root, tmp_path)) == 0
     assert f"seed: {s.seed}" in capsys.readouterr().out

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import rel_l2
+from conftest import golden_settings, rel_l2
 from safetensors.torch import load_file
 
 from wan_local import cli
 from wan_local.memory import experts as experts_module
-from wan_local.pipeline import GenerationSettings, WanPipeline
+from wan_local.pipeline import WanPipeline
 from wan_local.video import read_frames, read_settings
 
 CASES = ["t2v_a14b_unipc", "t2v_a14b_dpmpp", "i2v_a14b_unipc", "ti2v_5b_t2v", "ti2v_5b_i2v"]
@@ -24,35 +24,10 @@ FULL_RUN_TOL = 1e-5  # measured at most 2.5e-6 (video of ti2v_5b_t2v); see bench
 STEP_TOL = 5e-6  # measured at most 8e-7 per step
 
 
-def _settings(case: dict, tiny: Path) -> GenerationSettings:
-    a = case["args"]
-    if "image" in a:
-        side = int(a["max_area"] ** 0.5)
-        # Any W*H with the case's area works: the image gives the aspect. Prefer a square when it is exact.
-        size = (side, side) if side * side == a["max_area"] else (a["max_area"] // 48, 48)
-    else:
-        size = tuple(int(v) for v in a["size"].split("*"))
-    guide = a["guide_scale"]
-    guide = tuple(guide) if isinstance(guide, list) else (guide, guide)
-    return GenerationSettings(
-        task=a["task"],
-        prompt=a["prompt"],
-        negative_prompt=a["n_prompt"],
-        image=str(tiny / "golden" / a["image"]) if "image" in a else None,
-        size=size,
-        frames=a["frame_num"],
-        steps=a["sampling_steps"],
-        shift=a["shift"],
-        guide_scale=guide,
-        solver=a["sample_solver"],
-        seed=a["seed"],
-    )
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_cli_full_run_matches_golden(name, tiny, cases, golden, tmp_path, capsys):
     case, gold = cases[name], golden(name)
-    s = _settings(case, tiny)
+    s = golden_settings(case, tiny)
     argv = [
         "generate", "--task", s.task, "--ckpt-dir", str(tiny / FOLDER[s.task]), "--prompt", s.prompt,
         "--negative-prompt", s.negative_prompt, "--size", f"{s.size[0]}*{s.size[1]}",
@@ -105,7 +80,7 @@ def test_steps_match_golden(name, tiny, cases, golden, monkeypatch):
         return _Recorder(real_load(path, **kwargs), calls)
 
     monkeypatch.setattr(experts_module, "load_dit", load_and_record)
-    s = _settings(case, tiny)
+    s = golden_settings(case, tiny)
     pipe = WanPipeline(tiny / FOLDER[s.task], s.task, device="cpu", dtype=torch.float32)
     events = []
     result = pipe.generate(s, on_step=events.append)

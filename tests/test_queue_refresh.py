@@ -39,3 +39,26 @@ def test_a_burst_of_jobs_is_estimated_once_per_shape_a_few_per_refresh(tmp_path)
     for _ in range(3):
         html = queue.running().html
     assert len(calls) == 11 and "60 job(s) queued, about 30 min of work." in html
+
+
+def test_the_time_per_job_is_the_engines_own_estimate_of_that_job(tmp_path):
+    """The Queue tab times a queued job through the engine's resolve + admit, as the worker will run it: a job's
+    own memory overrides count (bf16 weights streamed on a 24 GB card take longer than the preset's int8)."""
+    from ui.prediction import EngineEstimator
+    from wan_local.engine.admit import admit_job
+    from wan_local.engine.resolve import resolve_job
+
+    box = MachineInfo("NVIDIA GeForce RTX 4090", 24 * GIB, 23 * GIB, (8, 9), 64 * GIB, 60 * GIB, 500 * GIB)
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    presets = load_presets(BUILTIN_PRESETS_DIR)
+    ctx = build_context(
+        store=store, settings=SettingsStore(tmp_path / "settings.json"), machine=box,
+        presets=presets, estimator=EngineEstimator(), measure=lambda m: m,
+    )  # fmt: skip
+    queue, seconds = QueueHandlers(ctx), []
+    for memory in ({}, {"quant": "none"}):
+        job = store.add(JobSettings(task="t2v-A14B", prompt="fox", size=(832, 480), memory=memory), validate=False)
+        expected = admit_job(resolve_job(job.settings, machine=box, presets=presets, need_image=False))
+        seconds.append(queue._estimate(job))
+        assert seconds[-1] == expected.estimate.seconds
+    assert seconds[0] < seconds[1]

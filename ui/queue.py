@@ -14,7 +14,7 @@ from typing import Any
 from ui.context import AppContext
 from ui.generate_form import FormValues, form_from_settings
 from ui.job_view import current_preview, existing, progress_bar, progress_line, reported_fraction
-from ui.prediction import format_duration, load_components, load_dit_config
+from ui.prediction import format_duration, load_dit_config
 from wan_local.errors import WanLocalError
 from wan_local.jobs.records import Job
 
@@ -34,10 +34,14 @@ NEW_POSTERS_PER_REFRESH = 2
 NEW_ESTIMATES_PER_REFRESH = 4
 
 
+#: Settings a job's time does not depend on: a batch of one shape is estimated once.
+_NOT_TIMED = frozenset({"prompt", "negative_prompt", "seed", "output", "image_source"})
+
+
 def estimate_key(job: Job) -> tuple[Any, ...]:
-    """What a job's time estimate depends on: not its prompt or seed, so a batch of one shape is estimated once."""
-    s = job.settings
-    return (s.task, s.size, s.frames, s.steps, s.preset, s.ckpt_dir)
+    """What a job's time estimate depends on: every setting but its prompt, seed and output name."""
+    data = job.settings.to_dict()
+    return tuple(sorted((k, repr(v)) for k, v in data.items() if k not in _NOT_TIMED))
 
 
 def short_seed(seed: int) -> str:
@@ -110,24 +114,28 @@ class QueueHandlers:
         self._seconds: dict[tuple[Any, ...], float | None] = {}
 
     def _estimate(self, job: Job) -> float | None:
+        """The job's time as the engine predicts it: the same resolve + admit as the worker (EngineEstimator.admit),
+        or the bare estimator for the preset asked for when the UI runs without the engine."""
         from wan_local.specs import get_task
 
-        if self.ctx.estimator is None:
+        estimator = self.ctx.estimator
+        if estimator is None:
             return None
         s = job.settings
         preset = self.ctx.presets.get(s.preset or "", self.ctx.pick.preset)
         try:
-            spec = get_task(s.task)
-            size = s.size or spec.default_size
-            est = self.ctx.estimator(
-                spec.name, size, s.frames or spec.frames, s.steps or spec.steps, preset.memory, self.ctx.machine,
-                load_dit_config(s.ckpt_dir, spec.name, s.files),
-                components=load_components(s.ckpt_dir, spec.name, s.files),
-            )  # fmt: skip
+            if hasattr(estimator, "admit"):
+                est = estimator.admit(s, self.ctx.machine, self.ctx.presets).estimate
+            else:
+                spec = get_task(s.task)
+                est = estimator(
+                    spec.name, s.size or spec.default_size, s.frames or spec.frames, s.steps or spec.steps,
+                    preset.memory, self.ctx.machine, load_dit_config(s.ckpt_dir, spec.name, s.files),
+                )  # fmt: skip
         except Exception as exc:  # advisory only (a job that does not fit any more is the worker's to refuse)
             log.debug("no estimate for job %d: %s", job.id, exc)
             return None
-        return float(est.seconds)
+        return None if est is None else float(est.seconds)
 
     def queued_summary(self, queued: list[Job]) -> str:
         """ "3 job(s) queued, about 2.5 h of work" (the time only when every job has an estimate; "so far" while
